@@ -1,0 +1,124 @@
+//! How long a rate-limited key rests.
+//!
+//! The provider's word wins: `retry-after-ms`, then `retry-after` (seconds or HTTP-date),
+//! then the reset of whichever budget the 429 says is empty (`x-ratelimit-reset-*` with
+//! `remaining = 0`). Without any of these the key rests 1 s, doubling per consecutive 429 up
+//! to 60 s. A later deadline always wins over an earlier one: a second, shorter 429 never
+//! shortens a rest already ordered.
+
+use std::time::Duration;
+
+use crate::ratelimit_headers::RateLimitHeaders;
+use crate::time::Time;
+
+/// First rest without headers.
+pub const BASE: Duration = Duration::from_secs(1);
+/// Longest rest without headers.
+pub const MAX: Duration = Duration::from_secs(60);
+
+/// A key's rate-limit rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cooldown {
+    until: Time,
+    streak: u32,
+}
+
+impl Cooldown {
+    /// A 429 at `now`: extends the rest and returns the deadline now in force.
+    pub fn rate_limited(&mut self, limits: &RateLimitHeaders, now: Time) -> Time {
+        let rest = provider_rest(limits).unwrap_or_else(|| {
+            let doublings = self.streak.min(16);
+            (BASE * 2u32.pow(doublings)).min(MAX)
+        });
+        self.streak = self.streak.saturating_add(1);
+        self.until = self.until.max(now + rest);
+        self.until
+    }
+
+    /// A success: the next header-less 429 starts again at [`BASE`].
+    pub fn succeeded(&mut self) {
+        self.streak = 0;
+    }
+
+    /// Until when the key rests (in the past when it does not).
+    pub fn until(&self) -> Time {
+        self.until
+    }
+
+    /// Ends the rest at once (an operator re-enabled the key).
+    pub fn clear(&mut self) {
+        *self = Cooldown::default();
+    }
+}
+
+/// The rest the provider asked for, if its headers say.
+pub fn provider_rest(limits: &RateLimitHeaders) -> Option<Duration> {
+    limits.retry_after.or_else(|| {
+        let requests = limits.reset_requests.filter(|_| limits.remaining_requests == Some(0));
+        let tokens = limits.reset_tokens.filter(|_| limits.remaining_tokens == Some(0));
+        requests.max(tokens)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn provider_deadline_is_honoured() {
+        let mut c = Cooldown::default();
+        let limits = RateLimitHeaders {
+            retry_after: Some(Duration::from_millis(1500)),
+            ..Default::default()
+        };
+        assert_eq!(c.rate_limited(&limits, Time::from_secs(10)), Time::from_millis(11_500));
+    }
+
+    #[test]
+    fn empty_budget_reset_is_used_without_retry_after() {
+        let mut c = Cooldown::default();
+        let limits = RateLimitHeaders {
+            remaining_requests: Some(0),
+            reset_requests: Some(Duration::from_secs(6)),
+            remaining_tokens: Some(500),
+            reset_tokens: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        assert_eq!(c.rate_limited(&limits, Time::ZERO), Time::from_secs(6));
+    }
+
+    #[test]
+    fn without_headers_backs_off_exponentially_to_a_minute() {
+        let mut c = Cooldown::default();
+        let none = RateLimitHeaders::default();
+        let mut now = Time::ZERO;
+        let mut rests = Vec::new();
+        for _ in 0..9 {
+            let until = c.rate_limited(&none, now);
+            rests.push(until.saturating_since(now).as_secs());
+            now = until;
+        }
+        assert_eq!(rests, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        c.succeeded();
+        assert_eq!(c.rate_limited(&none, now), now + BASE);
+    }
+
+    proptest! {
+        /// A later deadline always wins: the rest never shrinks, whatever arrives.
+        #[test]
+        fn cooldown_is_monotonic(events in prop::collection::vec((0u64..120_000, prop::option::of(0u64..90_000)), 1..40)) {
+            let mut c = Cooldown::default();
+            let mut now = Time::ZERO;
+            let mut last = Time::ZERO;
+            for (step_ms, retry_ms) in events {
+                now = now + Duration::from_millis(step_ms);
+                let limits = RateLimitHeaders { retry_after: retry_ms.map(Duration::from_millis), ..Default::default() };
+                let until = c.rate_limited(&limits, now);
+                prop_assert!(until >= last);
+                prop_assert!(until >= now);
+                last = until;
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! What a key is: its secret, where it goes, what it serves.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::secret::Secret;
+
+/// One API key as configured.
+///
+/// Two specs with the same secret and url are the same key ([`KeySpec::same_key`]); the pool
+/// uses that identity to remove duplicates and to keep a key's state across reloads.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct KeySpec {
+    /// The API key.
+    pub secret: Secret,
+    /// A configured name; the id falls back to the secret's fingerprint.
+    pub name: Option<String>,
+    /// Base url of the key's upstream, with or without a trailing `/v1`.
+    pub url: String,
+    /// Model patterns: exact names, globs (`gpt-4o*`), or the fallback markers `others` / `*`.
+    pub models: Vec<String>,
+    /// Relative share of traffic among otherwise equal keys (at least 1).
+    pub weight: u32,
+    /// Known requests-per-minute limit: a starting point until the provider's headers arrive.
+    pub rpm: Option<u32>,
+    /// Known tokens-per-minute limit: a starting point until the provider's headers arrive.
+    pub tpm: Option<u32>,
+    /// `OpenAI-Organization` to send with this key.
+    pub organization: Option<String>,
+    /// `OpenAI-Project` to send with this key.
+    pub project: Option<String>,
+}
+
+impl KeySpec {
+    /// A key serving every model (`others`) with weight 1.
+    pub fn new(secret: Secret, url: impl Into<String>) -> Self {
+        Self {
+            secret,
+            name: None,
+            url: url.into(),
+            models: vec!["others".to_owned()],
+            weight: 1,
+            rpm: None,
+            tpm: None,
+            organization: None,
+            project: None,
+        }
+    }
+
+    /// Sets the model patterns.
+    pub fn with_models<S: Into<String>>(mut self, models: impl IntoIterator<Item = S>) -> Self {
+        self.models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets a known requests-per-minute limit.
+    pub fn with_rpm(mut self, rpm: u32) -> Self {
+        self.rpm = Some(rpm);
+        self
+    }
+
+    /// Sets the weight.
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Whether `other` names the same key: same secret and same url.
+    pub fn same_key(&self, other: &KeySpec) -> bool {
+        self.secret == other.secret && normalize_url(&self.url) == normalize_url(&other.url)
+    }
+
+    /// The stable, non-secret id: the name, else the secret's fingerprint.
+    pub fn id(&self) -> KeyId {
+        KeyId(match &self.name {
+            Some(name) => name.as_str().into(),
+            None => self.secret.fingerprint().into(),
+        })
+    }
+}
+
+/// The url without a trailing slash, so `https://h/v1/` and `https://h/v1` are one upstream.
+pub(crate) fn normalize_url(url: &str) -> &str {
+    url.trim_end_matches('/')
+}
+
+/// A key's public identity: its name or fingerprint. Safe to log, label and show.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(Arc<str>);
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for KeyId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl KeyId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_secret_and_url() {
+        let a = KeySpec::new(Secret::new("sk-a"), "https://api.openai.com/v1");
+        let b = KeySpec::new(Secret::new("sk-a"), "https://api.openai.com/v1/").with_name("x");
+        let c = KeySpec::new(Secret::new("sk-a"), "https://other.example/v1");
+        assert!(a.same_key(&b));
+        assert!(!a.same_key(&c));
+    }
+
+    #[test]
+    fn id_is_name_or_fingerprint_never_secret() {
+        let a = KeySpec::new(Secret::new("sk-secret-value"), "https://h");
+        assert!(a.id().as_str().starts_with("key-"));
+        assert!(!format!("{:?}", a).contains("sk-secret-value"));
+        assert_eq!(a.with_name("team-a").id().as_str(), "team-a");
+    }
+}

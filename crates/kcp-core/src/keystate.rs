@@ -1,0 +1,312 @@
+//! The live state of one key, and how each outcome changes it.
+//!
+//! Selection reads only atomics (the disabled flag, the [`Gate`] that sums up cooldown and
+//! circuit, in-flight counts, the budget gauges and the pace limiter). Recording an outcome
+//! takes the key's own short critical section to update the policy structs ([`Cooldown`],
+//! [`Circuit`], [`Disabled`], [`Pace`]) and then republishes the gate. There is no lock
+//! shared between keys.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::budget::{Gauge, PACE_BURST, Pace};
+use crate::circuit::Circuit;
+use crate::cooldown::Cooldown;
+use crate::gate::Gate;
+use crate::gcra::Gcra;
+use crate::health::{Health, PeakEwma};
+use crate::key::KeySpec;
+use crate::outcome::{DisableReason, Outcome};
+use crate::probe::Disabled;
+use crate::ratelimit_headers::RateLimitHeaders;
+use crate::rng::{Random, SplitMix64};
+use crate::time::Time;
+
+/// Outcome counters of one key, by class.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub(crate) success: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) upstream: AtomicU64,
+    pub(crate) request_error: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+}
+
+impl Counters {
+    fn count(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Success { .. } => &self.success,
+            Outcome::RateLimited { .. } => &self.rate_limited,
+            Outcome::KeyRejected { .. } => &self.rejected,
+            Outcome::Upstream { .. } => &self.upstream,
+            Outcome::RequestError { .. } => &self.request_error,
+            Outcome::Cancelled => &self.cancelled,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A change of a key's state worth telling an operator about.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StateChange {
+    /// Rate limited: resting until then.
+    Cooling {
+        /// End of the rest.
+        until: Time,
+    },
+    /// Taken out of rotation.
+    Disabled {
+        /// Why.
+        reason: DisableReason,
+    },
+    /// Back in rotation after a successful re-check or an operator's word.
+    Enabled,
+    /// Too many upstream failures in a row: no traffic until then, then one trial.
+    CircuitOpened {
+        /// End of the open period.
+        until: Time,
+    },
+    /// The trial succeeded.
+    CircuitClosed,
+    /// Most keys of the key's url and organization were rate limited together.
+    GroupThrottled {
+        /// End of the group's rest.
+        until: Time,
+    },
+    /// The group's probe succeeded.
+    GroupRecovered,
+}
+
+/// Which single-trial slot a lease holds, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Trial {
+    #[default]
+    None,
+    /// The half-open circuit's trial (holds the gate value it replaced).
+    Circuit(u64),
+    /// A disabled key's re-check.
+    Probe,
+}
+
+#[derive(Debug, Default)]
+struct Policy {
+    cooldown: Cooldown,
+    circuit: Circuit,
+    disabled: Option<Disabled>,
+    pace: Pace,
+}
+
+/// The live, non-configuration state of one key. Kept across reloads while the key stays.
+#[derive(Debug)]
+pub struct KeyState {
+    pub(crate) disabled: AtomicBool,
+    pub(crate) gate: Gate,
+    pub(crate) in_flight: AtomicU32,
+    pub(crate) tokens_in_flight: AtomicU64,
+    pub(crate) health: Health,
+    pub(crate) latency: PeakEwma,
+    pub(crate) requests: Gauge,
+    pub(crate) tokens: Gauge,
+    pub(crate) pace: Gcra,
+    pub(crate) local: Gcra,
+    pub(crate) counters: Counters,
+    policy: Mutex<Policy>,
+    jitter: Mutex<SplitMix64>,
+}
+
+impl KeyState {
+    /// Fresh state for a key, seeded from what its config knows.
+    pub(crate) fn new(spec: &KeySpec, seed: u64) -> Self {
+        let state = KeyState {
+            disabled: AtomicBool::new(false),
+            gate: Gate::default(),
+            in_flight: AtomicU32::new(0),
+            tokens_in_flight: AtomicU64::new(0),
+            health: Health::default(),
+            latency: PeakEwma::default(),
+            requests: Gauge::new(spec.rpm.map(u64::from)),
+            tokens: Gauge::new(spec.tpm.map(u64::from)),
+            pace: Gcra::unlimited(),
+            local: Gcra::unlimited(),
+            counters: Counters::default(),
+            policy: Mutex::new(Policy::default()),
+            jitter: Mutex::new(SplitMix64::new(seed)),
+        };
+        state.repace(&Pace::default());
+        state
+    }
+
+    fn policy(&self) -> MutexGuard<'_, Policy> {
+        // The policy structs stay consistent at every step, so a poisoned lock is still usable.
+        self.policy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the pace limiter from the learned request limit and the AIMD factor.
+    fn repace(&self, pace: &Pace) {
+        let Some(rpm) = self.requests.limit() else {
+            return;
+        };
+        let rate = pace.rate_per_sec(rpm);
+        let burst = (rate * PACE_BURST.as_secs_f64()).floor().max(1.0) as u32;
+        self.pace
+            .set_rate(rate, NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+    }
+
+    /// Takes the budget figures of any answer.
+    fn learn(&self, limits: &RateLimitHeaders, now: Time, pace: &Pace) {
+        let had_limit = self.requests.limit();
+        self.requests
+            .report(limits.limit_requests, limits.remaining_requests, limits.reset_requests, now);
+        self.tokens
+            .report(limits.limit_tokens, limits.remaining_tokens, limits.reset_tokens, now);
+        if self.requests.limit() != had_limit {
+            self.repace(pace);
+        }
+    }
+
+    /// Applies one outcome; returns what changed. `penalty` is `unhealthy_penalty`.
+    pub(crate) fn record(&self, outcome: &Outcome, trial: Trial, penalty: u32, now: Time) -> Option<StateChange> {
+        self.counters.count(outcome);
+        let mut policy = self.policy();
+        let change = match outcome {
+            Outcome::Success { latency, limits } => {
+                self.health.reward();
+                self.latency.observe(*latency, now);
+                self.learn(limits, now, &policy.pace);
+                policy.cooldown.succeeded();
+                policy.pace.grow();
+                self.repace(&policy.pace);
+                let closed = policy.circuit.succeeded();
+                if trial == Trial::Probe && policy.disabled.take().is_some() {
+                    self.disabled.store(false, Ordering::Release);
+                    Some(StateChange::Enabled)
+                } else {
+                    closed.then_some(StateChange::CircuitClosed)
+                }
+            }
+            Outcome::RateLimited { limits } => {
+                self.learn(limits, now, &policy.pace);
+                policy.pace.cut();
+                self.repace(&policy.pace);
+                let until = policy.cooldown.rate_limited(limits, now);
+                Some(StateChange::Cooling { until })
+            }
+            Outcome::KeyRejected { reason } => self.reject(&mut policy, *reason, trial, now),
+            Outcome::Upstream { retry_after, .. } => {
+                self.health.penalize(penalty);
+                if let Some(rest) = retry_after {
+                    let limits = RateLimitHeaders {
+                        retry_after: Some(*rest),
+                        ..RateLimitHeaders::default()
+                    };
+                    policy.cooldown.rate_limited(&limits, now);
+                }
+                let jitter = self.jitter.lock().unwrap_or_else(PoisonError::into_inner).unit();
+                policy
+                    .circuit
+                    .failed(now, jitter)
+                    .map(|until| StateChange::CircuitOpened { until })
+            }
+            Outcome::RequestError { limits, .. } => {
+                self.learn(limits, now, &policy.pace);
+                None
+            }
+            Outcome::Cancelled => None,
+        };
+        self.publish(&policy, now);
+        change
+    }
+
+    fn reject(&self, policy: &mut Policy, reason: DisableReason, trial: Trial, now: Time) -> Option<StateChange> {
+        match (&mut policy.disabled, trial) {
+            (Some(disabled), Trial::Probe) => {
+                disabled.probe_failed(reason, now);
+                None
+            }
+            (Some(_), _) => None,
+            (None, _) => {
+                policy.disabled = Some(Disabled::new(reason, now));
+                self.disabled.store(true, Ordering::Release);
+                Some(StateChange::Disabled { reason })
+            }
+        }
+    }
+
+    /// Republishes the gate from the policy: closed until the later of cooldown and open
+    /// circuit, with a trial when the circuit is what holds it.
+    fn publish(&self, policy: &Policy, now: Time) {
+        let cooling = Some(policy.cooldown.until()).filter(|&t| t > now);
+        match (cooling, policy.circuit.open_until()) {
+            (None, None) => self.gate.set(None, false),
+            (Some(c), None) => self.gate.set(Some(c), false),
+            (c, Some(open)) => self.gate.set(Some(c.map_or(open, |c| c.max(open))), true),
+        }
+    }
+
+    /// Starts a re-check if one is due; `false` when the key is not disabled or not due.
+    pub(crate) fn start_probe(&self, now: Time) -> bool {
+        let mut policy = self.policy();
+        match &mut policy.disabled {
+            Some(disabled) if disabled.probe_due(now) => {
+                disabled.probe_started(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a re-check is due at `now`.
+    pub(crate) fn probe_due(&self, now: Time) -> bool {
+        self.disabled.load(Ordering::Acquire) && self.policy().disabled.is_some_and(|d| d.probe_due(now))
+    }
+
+    /// An operator disables (`true`) or enables (`false`) the key.
+    pub(crate) fn set_manual(&self, disable: bool, now: Time) -> Option<StateChange> {
+        let mut policy = self.policy();
+        let change = if disable {
+            policy.disabled = Some(Disabled::new(DisableReason::Manual, now));
+            self.disabled.store(true, Ordering::Release);
+            Some(StateChange::Disabled {
+                reason: DisableReason::Manual,
+            })
+        } else {
+            let was = policy.disabled.take().is_some();
+            policy.cooldown.clear();
+            policy.circuit.succeeded();
+            self.disabled.store(false, Ordering::Release);
+            was.then_some(StateChange::Enabled)
+        };
+        self.publish(&policy, now);
+        change
+    }
+
+    /// A copy of the policy figures for snapshots.
+    pub(crate) fn policy_view(&self) -> (Cooldown, Circuit, Option<Disabled>, Pace) {
+        let p = self.policy();
+        (p.cooldown, p.circuit, p.disabled, p.pace)
+    }
+
+    /// Seeds the pace from a configured rpm (on build and reload).
+    pub(crate) fn configure(&self, spec: &KeySpec, local_rps: Option<f64>, burst: NonZeroU32) {
+        if let Some(rpm) = spec.rpm {
+            if self.requests.limit().is_none() {
+                self.requests.report(Some(u64::from(rpm)), None, None, Time::ZERO);
+            }
+        }
+        if let Some(tpm) = spec.tpm {
+            if self.tokens.limit().is_none() {
+                self.tokens.report(Some(u64::from(tpm)), None, None, Time::ZERO);
+            }
+        }
+        // A key's own rpm is more specific than the pool-wide per_key_rps.
+        let rps = spec.rpm.map(|r| f64::from(r) / 60.0).or(local_rps);
+        match rps {
+            Some(rps) => self.local.set_rate(rps, burst),
+            None => self.local.set_rate(f64::INFINITY, burst),
+        }
+        let policy = self.policy();
+        self.repace(&policy.pace);
+    }
+}

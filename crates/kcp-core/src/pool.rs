@@ -1,0 +1,555 @@
+//! The key pool: an immutable snapshot of keys, routes and policy, with live per-key state.
+//!
+//! A pool is built once per configuration and shared behind an `Arc`; a reload builds a new
+//! pool that takes over the live state of every key still present ([`KeyPool::rebuild`]),
+//! and the caller swaps the `Arc`. Leases hold their key's state, so in-flight requests
+//! finish on the key they have whatever happens to the pool.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::gcra::Gcra;
+use crate::key::{KeyId, KeySpec, normalize_url};
+use crate::keystate::{KeyState, Trial};
+use crate::lease::{Changes, Lease};
+use crate::rng::Random;
+use crate::routing::{KeyIndex, RouteTable, TooManyGlobs};
+use crate::throttle::ThrottleGroup;
+use crate::time::Time;
+
+/// How selection chooses among the keys that can take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "snake_case"))]
+pub enum Strategy {
+    /// Plain rotation over the keys that can take the request.
+    RoundRobin,
+    /// Rotation where each key is taken with probability proportional to its weight ×
+    /// health × rate (learned or configured), so a 240 rpm key carries eight times the
+    /// traffic of a 30 rpm one and a failing key only a trickle.
+    #[default]
+    RoundRobinHealthWeighted,
+    /// Power of two choices over peak-EWMA latency × (in-flight + 1), as tower's p2c.
+    LeastLatency,
+}
+
+/// Pool-wide policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Selection strategy.
+    pub strategy: Strategy,
+    /// Health cost of one upstream failure, in units of [`crate::health::PENALTY_UNIT`].
+    pub unhealthy_penalty: u32,
+    /// Local per-key limit (requests per second) for keys without their own `rpm`.
+    pub per_key_rps: Option<f64>,
+    /// Local limit over the whole pool (requests per second).
+    pub global_rps: Option<f64>,
+    /// Burst of the local limiters.
+    pub burst: NonZeroU32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            strategy: Strategy::default(),
+            unhealthy_penalty: 5,
+            per_key_rps: None,
+            global_rps: None,
+            burst: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// A pool that cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A key's secret is empty.
+    #[error("api key #{0} is empty: set `key` (or `key_env`) to the secret")]
+    EmptySecret(usize),
+    /// A weight of zero would never be chosen.
+    #[error("api key `{0}` has weight 0: use 1 or more, or remove the key")]
+    ZeroWeight(KeyId),
+    /// Too many globs.
+    #[error(transparent)]
+    TooManyGlobs(#[from] TooManyGlobs),
+}
+
+/// A key as the pool holds it: its config plus its live state.
+#[derive(Debug)]
+pub struct PoolKey {
+    pub(crate) spec: KeySpec,
+    pub(crate) id: KeyId,
+    pub(crate) index: KeyIndex,
+    pub(crate) state: Arc<KeyState>,
+    pub(crate) group: Arc<ThrottleGroup>,
+}
+
+/// What one request asks of the pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Demand<'a> {
+    /// The requested model, if the request names one.
+    pub model: Option<&'a str>,
+    /// Estimated tokens ([`crate::budget::estimate_tokens`]), spent against token budgets.
+    pub tokens: u64,
+    /// Keys already tried for this request: never chosen again.
+    pub exclude: &'a [KeyIndex],
+}
+
+/// Why no key can take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoKey {
+    /// No key serves the model.
+    NoRoute,
+    /// Every key that serves it is disabled.
+    AllDisabled,
+    /// Every usable key is cooling or limited; the first frees up then.
+    Busy {
+        /// When the first key (or the global limit) frees up.
+        until: Time,
+    },
+    /// Every usable key was already tried for this request.
+    Exhausted,
+}
+
+/// The pool.
+#[derive(Debug)]
+pub struct KeyPool {
+    keys: Box<[Arc<PoolKey>]>,
+    routes: RouteTable,
+    config: PoolConfig,
+    global: Arc<Gcra>,
+    groups: Vec<Arc<ThrottleGroup>>,
+    cursor: AtomicUsize,
+    max_rpm: AtomicU64,
+    max_weight: u32,
+}
+
+enum Check {
+    Ok { key_trial: Option<u64>, group_trial: Option<u64> },
+    Blocked(Time),
+    Disabled,
+    Excluded,
+}
+
+#[derive(Default)]
+struct Why {
+    until: Option<Time>,
+    excluded: bool,
+    disabled: bool,
+}
+
+impl Why {
+    fn note(&mut self, check: &Check) {
+        match check {
+            Check::Blocked(t) => self.until = Some(self.until.map_or(*t, |u| u.min(*t))),
+            Check::Disabled => self.disabled = true,
+            Check::Excluded => self.excluded = true,
+            Check::Ok { .. } => {}
+        }
+    }
+
+    fn verdict(self) -> NoKey {
+        match self {
+            Why { until: Some(until), .. } => NoKey::Busy { until },
+            Why { excluded: true, .. } => NoKey::Exhausted,
+            Why { disabled: true, .. } => NoKey::AllDisabled,
+            _ => NoKey::NoRoute,
+        }
+    }
+}
+
+/// A gate value that means "a trial is under way": report a short, honest wait.
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl KeyPool {
+    /// Builds a pool with fresh state for every key.
+    pub fn new(specs: Vec<KeySpec>, config: PoolConfig) -> Result<KeyPool, PoolError> {
+        Self::build(specs, config, None)
+    }
+
+    /// Builds a pool for a new key list, keeping the live state (cooldowns, disabled keys,
+    /// health, learned limits, counters) of every key that is still present.
+    pub fn rebuild(&self, specs: Vec<KeySpec>, config: PoolConfig) -> Result<KeyPool, PoolError> {
+        Self::build(specs, config, Some(self))
+    }
+
+    fn build(specs: Vec<KeySpec>, config: PoolConfig, previous: Option<&KeyPool>) -> Result<KeyPool, PoolError> {
+        let mut unique: Vec<KeySpec> = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.into_iter().enumerate() {
+            if spec.secret.is_empty() {
+                return Err(PoolError::EmptySecret(i));
+            }
+            if spec.weight == 0 {
+                return Err(PoolError::ZeroWeight(spec.id()));
+            }
+            if !unique.iter().any(|u| u.same_key(&spec)) {
+                unique.push(spec);
+            }
+        }
+        let routes = RouteTable::build(&unique.iter().map(|s| s.models.clone()).collect::<Vec<_>>())?;
+        let mut groups: Vec<Arc<ThrottleGroup>> = Vec::new();
+        let mut keys = Vec::with_capacity(unique.len());
+        for (index, spec) in unique.into_iter().enumerate() {
+            let state = previous
+                .and_then(|p| p.keys.iter().find(|k| k.spec.same_key(&spec)))
+                .map(|k| k.state.clone())
+                .unwrap_or_else(|| Arc::new(KeyState::new(&spec, seed_of(&spec))));
+            state.configure(&spec, config.per_key_rps, config.burst);
+            let group = group_for(&mut groups, previous, &spec);
+            keys.push(Arc::new(PoolKey {
+                id: spec.id(),
+                index: index as KeyIndex,
+                spec,
+                state,
+                group,
+            }));
+        }
+        for group in &groups {
+            let members = keys
+                .iter()
+                .filter(|k| Arc::ptr_eq(&k.group, group))
+                .map(|k| k.index)
+                .collect();
+            group.set_members(members);
+        }
+        let global = previous.map_or_else(|| Arc::new(Gcra::unlimited()), |p| p.global.clone());
+        global.set_rate(config.global_rps.unwrap_or(f64::INFINITY), config.burst);
+        let max_weight = keys.iter().map(|k| k.spec.weight).max().unwrap_or(1);
+        let max_rpm = keys.iter().filter_map(|k| k.state.requests.limit()).max().unwrap_or(1);
+        Ok(KeyPool {
+            keys: keys.into_boxed_slice(),
+            routes,
+            config,
+            global,
+            groups,
+            cursor: AtomicUsize::new(0),
+            max_rpm: AtomicU64::new(max_rpm),
+            max_weight,
+        })
+    }
+
+    /// The pool's policy.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the pool has no keys.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The route table (for bounded metric labels).
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// The configuration of every key, in pool order.
+    pub fn specs(&self) -> impl Iterator<Item = &KeySpec> {
+        self.keys.iter().map(|k| &k.spec)
+    }
+
+    /// Chooses a key for a request, or says why none can take it now.
+    pub fn select<R: Random + ?Sized>(&self, demand: &Demand<'_>, now: Time, rng: &mut R) -> Result<Lease, NoKey> {
+        let route = self.routes.lookup(demand.model);
+        if route.is_empty() {
+            return Err(NoKey::NoRoute);
+        }
+        if let Err(until) = self.global.try_acquire(now) {
+            return Err(NoKey::Busy { until });
+        }
+        let mut why = Why::default();
+        for tier in route.tiers() {
+            if tier.is_empty() {
+                continue;
+            }
+            let found = match self.config.strategy {
+                Strategy::LeastLatency => self.two_choices(tier.keys, &tier, demand, now, rng, &mut why),
+                strategy => self.rotate(tier.keys, &tier, demand, now, rng, strategy, &mut why),
+            };
+            if let Some(lease) = found {
+                return Ok(lease);
+            }
+        }
+        self.global.refund();
+        Err(why.verdict())
+    }
+
+    /// Chooses the request's stable "home" key: the first key (in config order) that serves
+    /// it and is not disabled. Objects created through one key (files, batches, threads)
+    /// live in its account, so stateful endpoints must keep going there.
+    pub fn select_home(&self, demand: &Demand<'_>, now: Time) -> Result<Lease, NoKey> {
+        let route = self.routes.lookup(demand.model);
+        if route.is_empty() {
+            return Err(NoKey::NoRoute);
+        }
+        let mut why = Why::default();
+        let home = route.tiers().into_iter().flat_map(|t| {
+            let c = t;
+            t.keys.iter().copied().filter(move |&k| c.admits(k))
+        });
+        for index in home {
+            let key = &self.keys[index as usize];
+            let check = self.check(key, demand, now);
+            why.note(&check);
+            match check {
+                Check::Disabled | Check::Excluded => continue,
+                Check::Blocked(_) => break,
+                Check::Ok { key_trial, group_trial } => {
+                    if let Err(until) = self.global.try_acquire(now) {
+                        return Err(NoKey::Busy { until });
+                    }
+                    if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
+                        return Ok(lease);
+                    }
+                    self.global.refund();
+                    why.note(&Check::Blocked(now + PENDING_WAIT));
+                    break;
+                }
+            }
+        }
+        Err(why.verdict())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rotate<R: Random + ?Sized>(
+        &self,
+        keys: &[KeyIndex],
+        tier: &crate::routing::Candidates<'_>,
+        demand: &Demand<'_>,
+        now: Time,
+        rng: &mut R,
+        strategy: Strategy,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let n = keys.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let weighted = strategy == Strategy::RoundRobinHealthWeighted;
+        let mut passed_over: Option<(usize, Option<u64>, Option<u64>)> = None;
+        for step in 0..n {
+            let index = keys[(start + step) % n];
+            if !tier.admits(index) {
+                continue;
+            }
+            let key = &self.keys[index as usize];
+            let check = self.check(key, demand, now);
+            why.note(&check);
+            let Check::Ok { key_trial, group_trial } = check else {
+                continue;
+            };
+            if weighted && key_trial.is_none() && !self.accept(key, rng) {
+                passed_over.get_or_insert((index as usize, key_trial, group_trial));
+                continue;
+            }
+            if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
+                return Some(lease);
+            }
+        }
+        let (index, key_trial, group_trial) = passed_over?;
+        self.take(&self.keys[index], demand, now, key_trial, group_trial)
+    }
+
+    fn two_choices<R: Random + ?Sized>(
+        &self,
+        keys: &[KeyIndex],
+        tier: &crate::routing::Candidates<'_>,
+        demand: &Demand<'_>,
+        now: Time,
+        rng: &mut R,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let n = keys.len() as u64;
+        let a = rng.below(n) as usize;
+        let b = if n > 1 {
+            (a + 1 + rng.below(n - 1) as usize) % n as usize
+        } else {
+            a
+        };
+        let mut best: Option<(f64, usize, Option<u64>, Option<u64>)> = None;
+        for pick in [a, b] {
+            let index = keys[pick];
+            if !tier.admits(index) {
+                continue;
+            }
+            let key = &self.keys[index as usize];
+            if let Check::Ok { key_trial, group_trial } = self.check(key, demand, now) {
+                let cost = self.cost(key, now);
+                if best.is_none_or(|(c, ..)| cost < c) {
+                    best = Some((cost, index as usize, key_trial, group_trial));
+                }
+            }
+        }
+        if let Some((_, index, key_trial, group_trial)) = best {
+            if let Some(lease) = self.take(&self.keys[index], demand, now, key_trial, group_trial) {
+                return Some(lease);
+            }
+        }
+        // Neither sample can take it: fall back to any key that can.
+        self.rotate(keys, tier, demand, now, rng, Strategy::RoundRobin, why)
+    }
+
+    /// Peak-EWMA latency × (in-flight + 1) / weight: lower is better.
+    fn cost(&self, key: &PoolKey, now: Time) -> f64 {
+        let in_flight = f64::from(key.state.in_flight.load(Ordering::Relaxed));
+        key.state.latency.cost_nanos(now) * (in_flight + 1.0) / f64::from(key.spec.weight)
+    }
+
+    /// Weighted acceptance (stochastic acceptance, Lipowski & Lipowska 2012): a key is taken
+    /// with probability weight × health × rate over the pool's largest possible value,
+    /// which selects keys in proportion to that product in O(1) expected steps.
+    fn accept<R: Random + ?Sized>(&self, key: &PoolKey, rng: &mut R) -> bool {
+        let max_rpm = self.max_rpm.load(Ordering::Relaxed);
+        let rpm = match key.state.requests.limit() {
+            Some(rpm) => {
+                if rpm > max_rpm {
+                    self.max_rpm.fetch_max(rpm, Ordering::Relaxed);
+                    return true;
+                }
+                rpm
+            }
+            None => max_rpm,
+        };
+        let weight = f64::from(key.spec.weight) * f64::from(key.state.health.get()) * rpm as f64;
+        let max = f64::from(self.max_weight) * f64::from(crate::health::MAX_HEALTH) * max_rpm as f64;
+        weight >= max || rng.unit() * max < weight
+    }
+
+    /// Whether `key` can take the request now, without changing anything.
+    fn check(&self, key: &PoolKey, demand: &Demand<'_>, now: Time) -> Check {
+        use crate::gate::Pass;
+        if demand.exclude.contains(&key.index) {
+            return Check::Excluded;
+        }
+        let state = &key.state;
+        if state.disabled.load(Ordering::Acquire) {
+            return Check::Disabled;
+        }
+        let key_trial = match state.gate.check(now) {
+            Pass::Open => None,
+            Pass::Until(t) => return Check::Blocked(honest(t, now)),
+            Pass::Trial(seen) => Some(seen),
+        };
+        let group_trial = match key.group.gate.check(now) {
+            Pass::Open => None,
+            Pass::Until(t) => return Check::Blocked(honest(t, now)),
+            Pass::Trial(seen) => Some(seen),
+        };
+        let in_flight = u64::from(state.in_flight.load(Ordering::Relaxed));
+        let free = state
+            .requests
+            .free_at(now, in_flight, 1)
+            .max(state.tokens.free_at(now, state.tokens_in_flight.load(Ordering::Relaxed), demand.tokens));
+        if free > now {
+            return Check::Blocked(free);
+        }
+        if let Err(t) = state.local.check(now).and(state.pace.check(now)) {
+            return Check::Blocked(t);
+        }
+        Check::Ok { key_trial, group_trial }
+    }
+
+    /// Claims the key's trials and limiter cells, then leases it; `None` if another thread
+    /// got there first.
+    fn take(&self, key: &Arc<PoolKey>, demand: &Demand<'_>, now: Time, key_trial: Option<u64>, group_trial: Option<u64>) -> Option<Lease> {
+        let state = &key.state;
+        if let Some(seen) = key_trial {
+            if !state.gate.claim_trial(seen) {
+                return None;
+            }
+        }
+        let release = || {
+            if let Some(seen) = key_trial {
+                state.gate.release_trial(seen);
+            }
+        };
+        if let Some(seen) = group_trial {
+            if !key.group.gate.claim_trial(seen) {
+                release();
+                return None;
+            }
+        }
+        let release_all = || {
+            release();
+            if let Some(seen) = group_trial {
+                key.group.gate.release_trial(seen);
+            }
+        };
+        if state.local.try_acquire(now).is_err() {
+            release_all();
+            return None;
+        }
+        if state.pace.try_acquire(now).is_err() {
+            state.local.refund();
+            release_all();
+            return None;
+        }
+        let trial = key_trial.map_or(Trial::None, Trial::Circuit);
+        Some(Lease::new(key.clone(), demand.tokens, trial, group_trial, self.config.unhealthy_penalty, now))
+    }
+
+    /// Disabled keys whose re-check is due at `now`.
+    pub fn due_probes(&self, now: Time) -> Vec<KeyIndex> {
+        self.keys
+            .iter()
+            .filter(|k| k.state.probe_due(now))
+            .map(|k| k.index)
+            .collect()
+    }
+
+    /// Starts the re-check of a disabled key: a lease whose success re-enables it. `None`
+    /// when the key is not disabled, not due, or already being re-checked.
+    pub fn probe(&self, index: KeyIndex, now: Time) -> Option<Lease> {
+        let key = self.keys.get(index as usize)?;
+        key.state
+            .start_probe(now)
+            .then(|| Lease::new(key.clone(), 0, Trial::Probe, None, self.config.unhealthy_penalty, now))
+    }
+
+    /// An operator disables or re-enables the key with this id; `None` if there is none.
+    pub fn set_disabled(&self, id: &str, disabled: bool, now: Time) -> Option<Changes> {
+        let key = self.keys.iter().find(|k| k.id.as_str() == id)?;
+        let change = key.state.set_manual(disabled, now);
+        Some(Changes::from_key(change))
+    }
+
+    pub(crate) fn keys(&self) -> &[Arc<PoolKey>] {
+        &self.keys
+    }
+
+    pub(crate) fn groups(&self) -> &[Arc<ThrottleGroup>] {
+        &self.groups
+    }
+}
+
+/// A trial under way has no deadline: say "soon" rather than "never".
+fn honest(until: Time, now: Time) -> Time {
+    if until.as_nanos() >= crate::gate::Gate::PENDING - 1 {
+        now + PENDING_WAIT
+    } else {
+        until
+    }
+}
+
+fn seed_of(spec: &KeySpec) -> u64 {
+    spec.id()
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn group_for(groups: &mut Vec<Arc<ThrottleGroup>>, previous: Option<&KeyPool>, spec: &KeySpec) -> Arc<ThrottleGroup> {
+    let url = normalize_url(&spec.url);
+    let org = spec.organization.as_deref();
+    if let Some(group) = groups.iter().find(|g| g.is_for(url, org)) {
+        return group.clone();
+    }
+    let group = previous
+        .and_then(|p| p.groups.iter().find(|g| g.is_for(url, org)).cloned())
+        .unwrap_or_else(|| Arc::new(ThrottleGroup::new(url, org)));
+    groups.push(group.clone());
+    group
+}

@@ -1,0 +1,142 @@
+//! Account-wide throttles: when switching keys cannot help.
+//!
+//! Keys that share a url and an organization often share a limit (an organization or IP
+//! limit). When most keys of such a group get a 429 within [`WINDOW`], the limit is the
+//! group's, not the keys': trying the next key only burns another call. The whole group
+//! then rests together for the longest `Retry-After` seen, and a single probe request is
+//! let through when the rest ends (a [`Gate`] trial); its success lifts the throttle, its
+//! 429 renews it.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::gate::Gate;
+use crate::routing::KeyIndex;
+use crate::time::Time;
+
+/// How close together the 429s of a group must be to count as one throttle.
+pub const WINDOW: Duration = Duration::from_secs(5);
+/// Shortest group rest, when no 429 said how long.
+pub const MIN_REST: Duration = Duration::from_secs(1);
+
+/// One group of keys sharing url and organization.
+#[derive(Debug)]
+pub struct ThrottleGroup {
+    /// Closed while the group rests.
+    pub gate: Gate,
+    url: String,
+    organization: Option<String>,
+    members: Mutex<Vec<KeyIndex>>,
+    recent: Mutex<Vec<Recent>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Recent {
+    at: Time,
+    key: KeyIndex,
+    rest: Duration,
+}
+
+impl ThrottleGroup {
+    /// An empty group for `url` and `organization`.
+    pub fn new(url: &str, organization: Option<&str>) -> Self {
+        ThrottleGroup {
+            gate: Gate::default(),
+            url: url.to_owned(),
+            organization: organization.map(str::to_owned),
+            members: Mutex::new(Vec::new()),
+            recent: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether this group is the one for `url` and `organization`.
+    pub fn is_for(&self, url: &str, organization: Option<&str>) -> bool {
+        self.url == url && self.organization.as_deref() == organization
+    }
+
+    /// Replaces the member list (on pool build).
+    pub fn set_members(&self, members: Vec<KeyIndex>) {
+        *lock(&self.members) = members;
+        lock(&self.recent).clear();
+    }
+
+    /// Number of member keys.
+    pub fn size(&self) -> usize {
+        lock(&self.members).len()
+    }
+
+    /// A member got a rate-limit 429 at `now`, asking to rest `rest`. Returns the group's
+    /// rest deadline when this 429 makes (or, for a probe, keeps) the whole group throttled.
+    pub fn rate_limited(&self, key: KeyIndex, rest: Duration, now: Time, probe: bool) -> Option<Time> {
+        let mut recent = lock(&self.recent);
+        recent.retain(|r| now.saturating_since(r.at) <= WINDOW);
+        recent.push(Recent { at: now, key, rest });
+        let mut keys: Vec<KeyIndex> = recent.iter().map(|r| r.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let size = self.size();
+        if !probe && (size < 2 || keys.len() * 2 <= size) {
+            return None;
+        }
+        let longest = recent.iter().map(|r| r.rest).max().unwrap_or(MIN_REST).max(MIN_REST);
+        recent.clear();
+        let until = now + longest;
+        self.gate.set(Some(until), true);
+        Some(until)
+    }
+
+    /// The group's probe succeeded: the throttle is over.
+    pub fn recovered(&self) {
+        self.gate.set(None, false);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the plain data inconsistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::Pass;
+
+    fn group(n: u32) -> ThrottleGroup {
+        let g = ThrottleGroup::new("https://api.openai.com/v1", None);
+        g.set_members((0..n).collect());
+        g
+    }
+
+    #[test]
+    fn most_keys_limited_together_throttles_the_group() {
+        let g = group(4);
+        let t = Time::from_secs(10);
+        assert_eq!(g.rate_limited(0, Duration::from_secs(3), t, false), None);
+        assert_eq!(g.rate_limited(1, Duration::from_secs(7), t, false), None);
+        // The same key twice does not count twice.
+        assert_eq!(g.rate_limited(1, Duration::from_secs(7), t, false), None);
+        let until = g.rate_limited(2, Duration::from_secs(2), t, false).expect("3 of 4");
+        assert_eq!(until, t + Duration::from_secs(7), "longest rest wins");
+        assert!(matches!(g.gate.check(t), Pass::Until(_)));
+        assert!(matches!(g.gate.check(until), Pass::Trial(_)));
+        g.recovered();
+        assert_eq!(g.gate.check(until), Pass::Open);
+    }
+
+    #[test]
+    fn spread_out_429s_are_key_problems() {
+        let g = group(4);
+        assert_eq!(g.rate_limited(0, Duration::from_secs(1), Time::from_secs(0), false), None);
+        assert_eq!(g.rate_limited(1, Duration::from_secs(1), Time::from_secs(10), false), None);
+        assert_eq!(g.rate_limited(2, Duration::from_secs(1), Time::from_secs(20), false), None);
+    }
+
+    #[test]
+    fn single_key_groups_never_throttle_and_a_failed_probe_renews() {
+        let g = group(1);
+        assert_eq!(g.rate_limited(0, Duration::from_secs(1), Time::ZERO, false), None);
+        let g = group(3);
+        let until = g.rate_limited(0, Duration::from_secs(4), Time::ZERO, true).expect("probe 429 renews");
+        assert_eq!(until, Time::from_secs(4));
+    }
+}

@@ -1,0 +1,536 @@
+//! The API key pool: read from three sources, resolved, checked and de-duplicated.
+//!
+//! figment would let a later source *replace* an earlier array, which would make a
+//! `config.json` silently discard the keys of `config.toml`. So each source's list is read on
+//! its own and the lists are concatenated in precedence order: `config.toml` `[[api_keys]]`,
+//! the legacy `config.json` `apiKeys`, then `OPENAI_KEYS`. The same secret on the same url is
+//! the same key; the first occurrence wins, so a named, weighted TOML entry is not replaced by
+//! a bare copy from `OPENAI_KEYS`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Format, Json};
+use figment::value::Value;
+use kcp_core::Secret;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use super::error::{Problem, reword};
+use super::validate::http_url;
+
+/// The model name that makes a key serve every model no other key lists.
+const ANY_MODEL: &str = "others";
+
+/// One usable API key with everything the pool needs to route and limit it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedKey {
+    /// The key itself.
+    pub secret: Secret,
+    /// Upstream base URL, without a trailing `/`.
+    pub url: String,
+    /// Models this key serves; `"others"` serves every model no key lists.
+    pub models: Vec<String>,
+    /// Operator-chosen name for logs and metrics; the fingerprint is used without one.
+    pub name: Option<String>,
+    /// Relative share of traffic.
+    pub weight: u32,
+    /// Requests per minute the provider allows this key.
+    pub rpm: Option<u32>,
+    /// Tokens per minute the provider allows this key.
+    pub tpm: Option<u32>,
+    /// Sent as `OpenAI-Organization`.
+    pub organization: Option<String>,
+    /// Sent as `OpenAI-Project`.
+    pub project: Option<String>,
+}
+
+impl ResolvedKey {
+    /// How logs, metrics and errors refer to this key: its name, or its fingerprint.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.secret.fingerprint())
+    }
+}
+
+/// How many keys each source contributed, after duplicates were removed. Its `Display` is
+/// the startup line: `3 keys: 2 from config.toml, 1 from config.json, 0 from OPENAI_KEYS
+/// (1 duplicate removed)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeySources {
+    /// Kept keys from `config.toml` `[[api_keys]]`.
+    pub toml: usize,
+    /// Kept keys from the legacy `config.json`.
+    pub json: usize,
+    /// Kept keys from `OPENAI_KEYS`.
+    pub env: usize,
+    /// Entries dropped because an earlier entry had the same secret and url.
+    pub duplicates: usize,
+}
+
+impl KeySources {
+    /// Keys in the pool.
+    pub fn total(&self) -> usize {
+        self.toml + self.json + self.env
+    }
+}
+
+impl fmt::Display for KeySources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total = self.total();
+        write!(
+            f,
+            "{total} key{}: {} from config.toml, {} from config.json, {} from OPENAI_KEYS",
+            plural(total),
+            self.toml,
+            self.json,
+            self.env
+        )?;
+        if self.duplicates > 0 {
+            write!(
+                f,
+                " ({} duplicate{} removed)",
+                self.duplicates,
+                plural(self.duplicates)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// Where a key came from, for [`KeySources`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Toml,
+    Json,
+    Env,
+}
+
+/// A checked key before de-duplication, with where it was written for error messages.
+#[derive(Debug)]
+pub(super) struct Candidate {
+    origin: Origin,
+    source: String,
+    place: String,
+    key: ResolvedKey,
+}
+
+/// A `[[api_keys]]` entry of `config.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    key: Option<Secret>,
+    key_env: Option<String>,
+    url: Option<String>,
+    models: Option<Vec<String>>,
+    name: Option<String>,
+    weight: Option<u32>,
+    rpm: Option<u32>,
+    tpm: Option<u32>,
+    organization: Option<String>,
+    project: Option<String>,
+}
+
+/// The legacy `config.json` of the original project: `{"apiKeys": [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyFile {
+    #[serde(rename = "apiKeys")]
+    _api_keys: Vec<IgnoredAny>,
+}
+
+/// One `apiKeys` entry of the legacy `config.json`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyKey {
+    key: Secret,
+    url: Option<String>,
+    models: Option<Vec<String>>,
+}
+
+/// Reads `[[api_keys]]` from `figment` (whose only array source is `config.toml`).
+pub(super) fn from_toml(
+    figment: &Figment,
+    source: &str,
+    base_url: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<Candidate> {
+    let Ok(Value::Array(_, entries)) = figment.find_value("api_keys") else {
+        return Vec::new();
+    };
+    let mut candidates = Vec::new();
+    for (index, value) in entries.iter().enumerate() {
+        let place = format!("[[api_keys]] #{}", index + 1);
+        let fail = Failure::new(source, &place);
+        let entry = match value.deserialize::<KeyEntry>() {
+            Ok(entry) => entry,
+            Err(error) => {
+                fail.from_figment(error, problems);
+                continue;
+            }
+        };
+        let before = problems.len();
+        let secret = entry_secret(entry.key, entry.key_env, &fail, problems);
+        let url = entry_url(entry.url, base_url, &fail, problems);
+        let models = entry_models(entry.models, &fail, problems);
+        if entry.weight == Some(0) {
+            fail.push(
+                problems,
+                "weight is 0",
+                "set weight to 1 or more, or remove it",
+            );
+        }
+        for (field, value) in [("rpm", entry.rpm), ("tpm", entry.tpm)] {
+            if value == Some(0) {
+                fail.push(
+                    problems,
+                    format!("{field} is 0"),
+                    format!("set {field} to the provider's limit, or remove it"),
+                );
+            }
+        }
+        if entry
+            .name
+            .as_deref()
+            .is_some_and(|name| name.trim().is_empty())
+        {
+            fail.push(problems, "name is empty", "set a name or remove it");
+        }
+        if let (Some(secret), true) = (secret, problems.len() == before) {
+            candidates.push(Candidate {
+                origin: Origin::Toml,
+                source: source.to_owned(),
+                place,
+                key: ResolvedKey {
+                    secret,
+                    url,
+                    models,
+                    name: entry.name,
+                    weight: entry.weight.unwrap_or(1),
+                    rpm: entry.rpm,
+                    tpm: entry.tpm,
+                    organization: entry.organization,
+                    project: entry.project,
+                },
+            });
+        }
+    }
+    candidates
+}
+
+/// Reads the legacy `config.json` at `path`; its syntax was checked by the caller.
+pub(super) fn from_json(
+    path: &Path,
+    source: &str,
+    base_url: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<Candidate> {
+    let figment = Figment::from(Json::file_exact(path));
+    if let Err(error) = figment.extract::<LegacyFile>() {
+        Failure::new(source, "").from_figment(error, problems);
+        return Vec::new();
+    }
+    let Ok(Value::Array(_, entries)) = figment.find_value("apiKeys") else {
+        return Vec::new();
+    };
+    let mut candidates = Vec::new();
+    for (index, value) in entries.iter().enumerate() {
+        let place = format!("apiKeys[{index}]");
+        let fail = Failure::new(source, &place);
+        let entry = match value.deserialize::<LegacyKey>() {
+            Ok(entry) => entry,
+            Err(error) => {
+                fail.from_figment(error, problems);
+                continue;
+            }
+        };
+        let before = problems.len();
+        let secret = entry_secret(Some(entry.key), None, &fail, problems);
+        let url = entry_url(entry.url, base_url, &fail, problems);
+        let models = entry_models(entry.models, &fail, problems);
+        if let (Some(secret), true) = (secret, problems.len() == before) {
+            candidates.push(Candidate {
+                origin: Origin::Json,
+                source: source.to_owned(),
+                place,
+                key: plain_key(secret, url, models),
+            });
+        }
+    }
+    candidates
+}
+
+/// Keys from `OPENAI_KEYS=k1,k2`: on `base_url`, serving every model. Empty entries (a
+/// stray or trailing comma) are skipped.
+pub(super) fn from_openai_keys(raw: &str, base_url: &str) -> Vec<Candidate> {
+    split_secrets(raw)
+        .into_iter()
+        .enumerate()
+        .map(|(index, secret)| Candidate {
+            origin: Origin::Env,
+            source: "OPENAI_KEYS".to_owned(),
+            place: format!("entry #{}", index + 1),
+            key: plain_key(secret, normalize_url(base_url), vec![ANY_MODEL.to_owned()]),
+        })
+        .collect()
+}
+
+/// Splits a comma-separated list of secrets, dropping empty entries.
+pub(super) fn split_secrets(raw: &str) -> Vec<Secret> {
+    raw.split(',')
+        .map(Secret::new)
+        .filter(|secret| !secret.is_empty())
+        .collect()
+}
+
+/// Drops repeated (secret, url) pairs, keeping the first, counts keys per source, and
+/// rejects a name used by two keys.
+pub(super) fn combine(
+    candidates: Vec<Candidate>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<ResolvedKey>, KeySources) {
+    let mut sources = KeySources::default();
+    let mut seen: HashSet<(Secret, String)> = HashSet::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut keys = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let key = candidate.key;
+        if !seen.insert((key.secret.clone(), key.url.clone())) {
+            sources.duplicates += 1;
+            continue;
+        }
+        if let Some(name) = &key.name {
+            let place = format!("{} {}", candidate.source, candidate.place);
+            if let Some(first) = names.insert(name.clone(), place) {
+                problems.push(Problem::new(
+                    Some(candidate.source.clone()),
+                    format!(
+                        "{}: name `{name}` is already used by {first}",
+                        candidate.place
+                    ),
+                    "give each key a unique name",
+                ));
+            }
+        }
+        match candidate.origin {
+            Origin::Toml => sources.toml += 1,
+            Origin::Json => sources.json += 1,
+            Origin::Env => sources.env += 1,
+        }
+        keys.push(key);
+    }
+    (keys, sources)
+}
+
+fn plain_key(secret: Secret, url: String, models: Vec<String>) -> ResolvedKey {
+    ResolvedKey {
+        secret,
+        url,
+        models,
+        name: None,
+        weight: 1,
+        rpm: None,
+        tpm: None,
+        organization: None,
+        project: None,
+    }
+}
+
+/// The secret of an entry: exactly one of `key` and `key_env`, non-empty.
+fn entry_secret(
+    key: Option<Secret>,
+    key_env: Option<String>,
+    fail: &Failure<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<Secret> {
+    let secret = match (key, key_env) {
+        (Some(_), Some(_)) => {
+            fail.push(
+                problems,
+                "sets both key and key_env",
+                "keep only one: key = \"sk-...\" or key_env = \"VAR_NAME\"",
+            );
+            return None;
+        }
+        (None, None) => {
+            fail.push(
+                problems,
+                "has neither key nor key_env",
+                "add key = \"sk-...\" or key_env = \"VAR_NAME\"",
+            );
+            return None;
+        }
+        (Some(key), None) => key,
+        (None, Some(var)) => match std::env::var(&var) {
+            Ok(value) if !value.trim().is_empty() => Secret::new(value),
+            Ok(_) => {
+                fail.push(
+                    problems,
+                    format!("key_env names {var}, which is empty"),
+                    format!("put the API key in {var}, or use key"),
+                );
+                return None;
+            }
+            Err(std::env::VarError::NotPresent) => {
+                fail.push(
+                    problems,
+                    format!("key_env names {var}, which is not set"),
+                    format!("export {var}=<API key> before starting kcp, or use key"),
+                );
+                return None;
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                fail.push(
+                    problems,
+                    format!("key_env names {var}, which is not valid UTF-8"),
+                    format!("put the API key in {var} as plain text"),
+                );
+                return None;
+            }
+        },
+    };
+    if secret.is_empty() {
+        fail.push(
+            problems,
+            "key is empty",
+            "set the API key or remove the entry",
+        );
+        return None;
+    }
+    Some(secret)
+}
+
+/// The entry's url, checked, or the default `base_url` (checked once, as `[upstream]`).
+fn entry_url(
+    url: Option<String>,
+    base_url: &str,
+    fail: &Failure<'_>,
+    problems: &mut Vec<Problem>,
+) -> String {
+    match url {
+        Some(url) => {
+            if let Err(reason) = http_url(&url) {
+                fail.push(
+                    problems,
+                    format!("url {reason}"),
+                    "use an http(s) URL with a host, e.g. https://api.openai.com/v1",
+                );
+            }
+            normalize_url(&url)
+        }
+        None => normalize_url(base_url),
+    }
+}
+
+/// The entry's models, or `["others"]`; an empty list or an empty name is an error.
+fn entry_models(
+    models: Option<Vec<String>>,
+    fail: &Failure<'_>,
+    problems: &mut Vec<Problem>,
+) -> Vec<String> {
+    let Some(models) = models else {
+        return vec![ANY_MODEL.to_owned()];
+    };
+    if models.is_empty() {
+        fail.push(
+            problems,
+            "models is empty, so the key would never be used",
+            "list model names, add \"others\", or remove models to serve every model",
+        );
+    }
+    if models.iter().any(|model| model.trim().is_empty()) {
+        fail.push(
+            problems,
+            "models contains an empty name",
+            "remove the empty name",
+        );
+    }
+    models
+}
+
+/// `https://host/v1/` and `https://host/v1` are the same upstream.
+fn normalize_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_owned()
+}
+
+/// Reports problems of one key entry, prefixed with where it was written.
+struct Failure<'a> {
+    source: &'a str,
+    place: &'a str,
+}
+
+impl<'a> Failure<'a> {
+    fn new(source: &'a str, place: &'a str) -> Self {
+        Self { source, place }
+    }
+
+    fn push(
+        &self,
+        problems: &mut Vec<Problem>,
+        message: impl fmt::Display,
+        fix: impl Into<String>,
+    ) {
+        problems.push(Problem::new(
+            Some(self.source.to_owned()),
+            format!("{} {message}", self.place),
+            fix,
+        ));
+    }
+
+    fn from_figment(&self, error: figment::Error, problems: &mut Vec<Problem>) {
+        for error in error {
+            let (message, fix) = reword(&error.kind, self.place, &error.path);
+            problems.push(Problem::new(Some(self.source.to_owned()), message, fix));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_line_counts_and_pluralizes() {
+        let sources = KeySources {
+            toml: 2,
+            json: 1,
+            env: 0,
+            duplicates: 1,
+        };
+        assert_eq!(
+            sources.to_string(),
+            "3 keys: 2 from config.toml, 1 from config.json, 0 from OPENAI_KEYS (1 duplicate removed)"
+        );
+        let one = KeySources {
+            env: 1,
+            ..KeySources::default()
+        };
+        assert_eq!(
+            one.to_string(),
+            "1 key: 0 from config.toml, 0 from config.json, 1 from OPENAI_KEYS"
+        );
+    }
+
+    #[test]
+    fn secret_lists_skip_empty_entries() {
+        let secrets = split_secrets(",k1,, k2 ,");
+        let exposed: Vec<&str> = secrets.iter().map(Secret::expose).collect();
+        assert_eq!(exposed, ["k1", "k2"]);
+    }
+
+    #[test]
+    fn a_key_is_labelled_by_name_or_fingerprint() {
+        let secret = Secret::new("sk-label-test");
+        let mut key = plain_key(secret.clone(), "https://x".into(), vec![]);
+        assert_eq!(key.label(), secret.fingerprint());
+        key.name = Some("team-a".into());
+        assert_eq!(key.label(), "team-a");
+    }
+}

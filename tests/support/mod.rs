@@ -1,0 +1,6 @@
+//! Shared helpers for the end-to-end tests; each test binary declares `mod support;`.
+#![allow(dead_code, unused_imports)]
+
+pub mod mock_upstream;
+
+pub use mock_upstream::{Behaviour, Call, MockUpstream};
