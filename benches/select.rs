@@ -1,1 +1,126 @@
-fn main() {}
+//! Selector hot path: select + record, route lookup, and contention.
+//!
+//! Run with `cargo bench --bench select`. Figures for this machine class are in
+//! README.md ("Benchmarks").
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kcp_core::routing::RouteTable;
+use kcp_core::{
+    Demand, KeyPool, KeySpec, Outcome, PoolConfig, RateLimitHeaders, Secret, SplitMix64, Strategy,
+    Time,
+};
+
+fn pool(n: usize, strategy: Strategy) -> KeyPool {
+    let keys = (0..n)
+        .map(|i| {
+            KeySpec::new(
+                Secret::new(format!("sk-bench-{i}")),
+                "https://api.openai.com/v1",
+            )
+            .with_models(["gpt-4o", "others"])
+        })
+        .collect();
+    KeyPool::new(
+        keys,
+        PoolConfig {
+            strategy,
+            ..PoolConfig::default()
+        },
+    )
+    .expect("valid pool")
+}
+
+fn success() -> Outcome {
+    Outcome::Success {
+        latency: Duration::from_millis(120),
+        limits: RateLimitHeaders::default(),
+    }
+}
+
+fn select_record(c: &mut Criterion) {
+    for strategy in [
+        Strategy::RoundRobinHealthWeighted,
+        Strategy::RoundRobin,
+        Strategy::LeastLatency,
+    ] {
+        let mut group = c.benchmark_group(format!("select_record/{strategy:?}"));
+        group.throughput(Throughput::Elements(1));
+        for n in [1, 10, 100, 1_000, 10_000] {
+            let p = pool(n, strategy);
+            let mut rng = SplitMix64::new(42);
+            let mut tick = 0u64;
+            let demand = Demand {
+                model: Some("gpt-4o"),
+                ..Demand::default()
+            };
+            group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+                b.iter(|| {
+                    tick += 1_000;
+                    let now = Time::from_nanos(tick);
+                    let lease = p.select(black_box(&demand), now, &mut rng).expect("a key");
+                    black_box(lease.record(success(), now));
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+fn routing(c: &mut Criterion) {
+    let mut models: Vec<Vec<String>> = (0..50).map(|i| vec![format!("model-{i}")]).collect();
+    models.extend((0..10).map(|i| vec![format!("family-{i}-*")]));
+    models.push(vec!["others".to_owned()]);
+    let table = RouteTable::build(&models).expect("few globs");
+    let mut group = c.benchmark_group("route_lookup");
+    for (name, model) in [
+        ("exact", "model-37"),
+        ("glob", "family-7-mini"),
+        ("fallback", "unknown-model"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(table.lookup(black_box(Some(model)))))
+        });
+    }
+    group.finish();
+}
+
+fn contention(c: &mut Criterion) {
+    let p = Arc::new(pool(1_000, Strategy::RoundRobinHealthWeighted));
+    c.bench_function("select_record/contended_2_threads/1000", |b| {
+        b.iter_custom(|iters| {
+            let clock = Arc::new(AtomicU64::new(0));
+            let start = Instant::now();
+            let handles: Vec<_> = (0..2)
+                .map(|t| {
+                    let p = p.clone();
+                    let clock = clock.clone();
+                    std::thread::spawn(move || {
+                        let mut rng = SplitMix64::new(t);
+                        for _ in 0..iters {
+                            let now = Time::from_nanos(clock.fetch_add(1_000, Ordering::Relaxed));
+                            let lease = p.select(&Demand::default(), now, &mut rng).expect("a key");
+                            black_box(lease.record(success(), now));
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("bench thread");
+            }
+            // Time per operation of one thread: both ran `iters` operations side by side.
+            start.elapsed()
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = select_record, routing, contention
+}
+criterion_main!(benches);

@@ -9,8 +9,23 @@ use std::ops::{Add, Sub};
 use std::time::Duration;
 
 /// A point on the caller's monotonic timeline, in nanoseconds since its origin.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Time(u64);
+
+impl std::fmt::Debug for Time {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Time::NEVER {
+            f.write_str("Time(never)")
+        } else {
+            write!(
+                f,
+                "Time({}.{:09}s)",
+                self.0 / 1_000_000_000,
+                self.0 % 1_000_000_000
+            )
+        }
+    }
+}
 
 impl Time {
     /// The origin of the timeline.
