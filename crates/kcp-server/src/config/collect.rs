@@ -10,7 +10,9 @@ use figment::value::{Dict, Value};
 use serde::de::DeserializeOwned;
 
 /// Deserializes `table`; returns the value (if it could be salvaged) and every error.
-pub(super) fn deserialize_all<T: DeserializeOwned>(table: &Dict) -> (Option<T>, Vec<figment::Error>) {
+pub(super) fn deserialize_all<T: DeserializeOwned>(
+    table: &Dict,
+) -> (Option<T>, Vec<figment::Error>) {
     let mut table = table.clone();
     let mut errors = Vec::new();
     // Each round removes one field, so this terminates; the bound makes that obvious.

@@ -16,8 +16,10 @@ use figment::providers::{Format, Json};
 use figment::value::Value;
 use kcp_core::Secret;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde::de::IgnoredAny;
 
+use super::collect::deserialize_all;
 use super::error::{Problem, reword};
 use super::validate::http_url;
 
@@ -169,40 +171,14 @@ pub(super) fn from_toml(
     for (index, value) in entries.iter().enumerate() {
         let place = format!("[[api_keys]] #{}", index + 1);
         let fail = Failure::new(source, &place);
-        let entry = match value.deserialize::<KeyEntry>() {
-            Ok(entry) => entry,
-            Err(error) => {
-                fail.from_figment(error, problems);
-                continue;
-            }
+        let Some(entry) = fail.deserialize::<KeyEntry>(value, problems) else {
+            continue;
         };
         let before = problems.len();
+        entry_limits(&entry, &fail, problems);
         let secret = entry_secret(entry.key, entry.key_env, &fail, problems);
         let url = entry_url(entry.url, base_url, &fail, problems);
         let models = entry_models(entry.models, &fail, problems);
-        if entry.weight == Some(0) {
-            fail.push(
-                problems,
-                "weight is 0",
-                "set weight to 1 or more, or remove it",
-            );
-        }
-        for (field, value) in [("rpm", entry.rpm), ("tpm", entry.tpm)] {
-            if value == Some(0) {
-                fail.push(
-                    problems,
-                    format!("{field} is 0"),
-                    format!("set {field} to the provider's limit, or remove it"),
-                );
-            }
-        }
-        if entry
-            .name
-            .as_deref()
-            .is_some_and(|name| name.trim().is_empty())
-        {
-            fail.push(problems, "name is empty", "set a name or remove it");
-        }
         if let (Some(secret), true) = (secret, problems.len() == before) {
             candidates.push(Candidate {
                 origin: Origin::Toml,
@@ -233,8 +209,13 @@ pub(super) fn from_json(
     problems: &mut Vec<Problem>,
 ) -> Vec<Candidate> {
     let figment = Figment::from(Json::file_exact(path));
-    if let Err(error) = figment.extract::<LegacyFile>() {
-        Failure::new(source, "").from_figment(error, problems);
+    let root = figment
+        .find_value("")
+        .unwrap_or_else(|_| Value::from(figment::value::Dict::new()));
+    if Failure::new(source, "")
+        .deserialize::<LegacyFile>(&root, problems)
+        .is_none()
+    {
         return Vec::new();
     }
     let Ok(Value::Array(_, entries)) = figment.find_value("apiKeys") else {
@@ -244,12 +225,8 @@ pub(super) fn from_json(
     for (index, value) in entries.iter().enumerate() {
         let place = format!("apiKeys[{index}]");
         let fail = Failure::new(source, &place);
-        let entry = match value.deserialize::<LegacyKey>() {
-            Ok(entry) => entry,
-            Err(error) => {
-                fail.from_figment(error, problems);
-                continue;
-            }
+        let Some(entry) = fail.deserialize::<LegacyKey>(value, problems) else {
+            continue;
         };
         let before = problems.len();
         let secret = entry_secret(Some(entry.key), None, &fail, problems);
@@ -407,6 +384,33 @@ fn entry_secret(
     Some(secret)
 }
 
+/// `weight`, `rpm` and `tpm` must not be 0 (omit them instead) and a name must not be blank.
+fn entry_limits(entry: &KeyEntry, fail: &Failure<'_>, problems: &mut Vec<Problem>) {
+    if entry.weight == Some(0) {
+        fail.push(
+            problems,
+            "weight is 0",
+            "set weight to 1 or more, or remove it",
+        );
+    }
+    for (field, value) in [("rpm", entry.rpm), ("tpm", entry.tpm)] {
+        if value == Some(0) {
+            fail.push(
+                problems,
+                format!("{field} is 0"),
+                format!("set {field} to the provider's limit, or remove it"),
+            );
+        }
+    }
+    if entry
+        .name
+        .as_deref()
+        .is_some_and(|name| name.trim().is_empty())
+    {
+        fail.push(problems, "name is empty", "set a name or remove it");
+    }
+}
+
 /// The entry's url, checked, or the default `base_url` (checked once, as `[upstream]`).
 fn entry_url(
     url: Option<String>,
@@ -484,11 +488,31 @@ impl<'a> Failure<'a> {
         ));
     }
 
-    fn from_figment(&self, error: figment::Error, problems: &mut Vec<Problem>) {
-        for error in error {
+    /// Deserializes one table, reporting every field error; `None` if there was any.
+    fn deserialize<T: DeserializeOwned>(
+        &self,
+        value: &Value,
+        problems: &mut Vec<Problem>,
+    ) -> Option<T> {
+        let Value::Dict(_, table) = value else {
+            let place = if self.place.is_empty() {
+                "the file"
+            } else {
+                self.place
+            };
+            problems.push(Problem::new(
+                Some(self.source.to_owned()),
+                format!("{place} must be a table (an object in JSON)"),
+                "write it as key = value pairs",
+            ));
+            return None;
+        };
+        let (entry, errors) = deserialize_all(table);
+        for error in &errors {
             let (message, fix) = reword(&error.kind, self.place, &error.path);
             problems.push(Problem::new(Some(self.source.to_owned()), message, fix));
         }
+        entry.filter(|_| errors.is_empty())
     }
 }
 

@@ -11,13 +11,14 @@
 
 use std::path::{Path, PathBuf};
 
+use figment::error::Kind;
 use figment::providers::{Env, Format, Json, Toml};
-use figment::value::{Dict, Value};
+use figment::value::Value;
 use figment::{Figment, Metadata, Provider};
 use kcp_core::Secret;
-use serde::Deserialize;
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::DeserializeOwned;
 
+use super::collect::deserialize_all;
 use super::error::{ConfigError, Problem, container, reword};
 use super::keys::{self, KeySources, ResolvedKey};
 use super::sections::{AuthSection, Config};
@@ -113,8 +114,14 @@ pub fn load(cli: &Cli) -> Result<LoadedConfig, ConfigError> {
             &mut problems,
         ));
     }
-    if let Ok(raw) = std::env::var(OPENAI_KEYS_VAR) {
-        candidates.extend(keys::from_openai_keys(&raw, base_url));
+    match std::env::var(OPENAI_KEYS_VAR) {
+        Ok(raw) => candidates.extend(keys::from_openai_keys(&raw, base_url)),
+        Err(std::env::VarError::NotPresent) => {}
+        Err(std::env::VarError::NotUnicode(_)) => problems.push(Problem::new(
+            Some(OPENAI_KEYS_VAR.to_owned()),
+            "is not valid UTF-8",
+            "set it to comma-separated keys in plain text",
+        )),
     }
     let (keys, sources) = keys::combine(candidates, &mut problems);
     if keys.is_empty() && problems.len() == before_keys {
@@ -175,13 +182,13 @@ impl ConfigFile {
         if let Err(error) = provider.data() {
             for error in error {
                 let message = match &error.kind {
-                    figment::error::Kind::Message(message) => message.clone(),
+                    Kind::Message(message) => message.clone(),
                     other => other.to_string(),
                 };
                 problems.push(Problem::new(
                     Some(self.label.clone()),
                     format!("cannot be read: {message}"),
-                    "fix the file at the position shown",
+                    "fix the syntax at the position shown, or the file's permissions",
                 ));
             }
         }
@@ -207,14 +214,21 @@ pub(super) struct Origins<'a> {
 }
 
 impl Origins<'_> {
-    /// Who set the value at `path` (`server.bind_addr`); `None` for a built-in default.
+    /// Who set the value at `path` (`server.bind_addr`); `None` for a built-in default. A
+    /// path into a list (`cors.allowed_origins.0`) is attributed to the list.
     pub(super) fn of(&self, path: &str) -> Option<String> {
         if let Some((_, source)) = self.overrides.iter().rev().find(|(p, _)| *p == path) {
             return Some(source.clone());
         }
-        self.figment
-            .find_metadata(path)
-            .map(|metadata| self.label(metadata, path))
+        let mut prefix = path;
+        while let Some((list, index)) = prefix.rsplit_once('.') {
+            if index.parse::<usize>().is_err() {
+                break;
+            }
+            prefix = list;
+        }
+        let metadata = self.figment.find_metadata(prefix)?;
+        Some(self.label(metadata, prefix))
     }
 
     fn set(&mut self, path: &'static str, source: impl Into<String>) {
@@ -234,30 +248,15 @@ impl Origins<'_> {
         }
     }
 
-    /// One problem per figment error, located under `section` (empty for the top level).
-    fn figment_problems(&self, error: figment::Error, section: &str, problems: &mut Vec<Problem>) {
-        for error in error {
-            let mut path: Vec<String> = container(&error.kind, &error.path).to_vec();
-            if !section.is_empty() {
-                path.insert(0, section.to_owned());
-            }
-            let (place, rest) = match path.split_first() {
-                Some((first, rest)) => (format!("[{first}]"), rest),
-                None => (String::new(), &path[..]),
-            };
-            let (message, fix) = reword(&error.kind, &place, rest);
-            let mut value_path = path.clone();
-            if let figment::error::Kind::UnknownField(field, _) = &error.kind {
-                value_path.push(field.clone());
-            }
-            let source = self.of(&value_path.join(".")).or_else(|| {
-                error
-                    .metadata
-                    .as_ref()
-                    .map(|m| self.label(m, &value_path.join(".")))
-            });
-            problems.push(Problem::new(source, message, fix));
+    /// A figment error, located under `section`, as a problem naming its source.
+    fn figment_problem(&self, error: &figment::Error, section: &str) -> Problem {
+        let mut path = vec![section.to_owned()];
+        path.extend_from_slice(container(&error.kind, &error.path));
+        let (message, fix) = reword(&error.kind, &format!("[{section}]"), &path[1..]);
+        if let Kind::UnknownField(field, _) = &error.kind {
+            path.push(field.clone());
         }
+        Problem::new(self.of(&path.join(".")), message, fix)
     }
 }
 
@@ -269,33 +268,21 @@ fn env_var(path: &str) -> String {
     )
 }
 
-/// The document's top level: only known sections, each a table.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TopLevel {
-    #[serde(rename = "server")]
-    _server: Option<Dict>,
-    #[serde(rename = "upstream")]
-    _upstream: Option<Dict>,
-    #[serde(rename = "keys")]
-    _keys: Option<Dict>,
-    #[serde(rename = "rate_limit")]
-    _rate_limit: Option<Dict>,
-    #[serde(rename = "observability")]
-    _observability: Option<Dict>,
-    #[serde(rename = "auth")]
-    _auth: Option<Dict>,
-    #[serde(rename = "cors")]
-    _cors: Option<Dict>,
-    #[serde(rename = "api_keys")]
-    _api_keys: Option<Vec<IgnoredAny>>,
-}
+/// Top-level names of the document: the sections, then the key list.
+const TOP_LEVEL: &[&str] = &[
+    "server",
+    "upstream",
+    "keys",
+    "rate_limit",
+    "observability",
+    "auth",
+    "cors",
+    "api_keys",
+];
 
-/// Deserializes each section on its own, so all sections report their errors.
+/// Deserializes each section on its own, so every section reports its errors.
 fn sections(figment: &Figment, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Config {
-    if let Err(error) = figment.extract::<TopLevel>() {
-        origins.figment_problems(error, "", problems);
-    }
+    top_level(figment, origins, problems);
     Config {
         server: section(figment, "server", origins, problems),
         upstream: section(figment, "upstream", origins, problems),
@@ -307,19 +294,45 @@ fn sections(figment: &Figment, origins: &Origins<'_>, problems: &mut Vec<Problem
     }
 }
 
+/// Every unknown top-level name, and sections that are not tables.
+fn top_level(figment: &Figment, origins: &Origins<'_>, problems: &mut Vec<Problem>) {
+    let Ok(Value::Dict(_, root)) = figment.find_value("") else {
+        return;
+    };
+    for (name, value) in &root {
+        let problem = match (TOP_LEVEL.contains(&name.as_str()), value) {
+            (false, _) => reword(&Kind::UnknownField(name.clone(), TOP_LEVEL), "", &[]),
+            (true, Value::Dict(..)) => continue,
+            (true, Value::Array(..)) if name == "api_keys" => continue,
+            (true, _) if name == "api_keys" => (
+                "api_keys must be a list of tables".to_owned(),
+                "write each key as an [[api_keys]] table".to_owned(),
+            ),
+            (true, _) => (
+                format!("{name} must be a table"),
+                format!("put its fields under a [{name}] header"),
+            ),
+        };
+        let (message, fix) = problem;
+        problems.push(Problem::new(origins.of(name), message, fix));
+    }
+}
+
+/// The section `name`, with every field serde rejects reported and left at its default.
 fn section<T: DeserializeOwned + Default>(
     figment: &Figment,
     name: &str,
     origins: &Origins<'_>,
     problems: &mut Vec<Problem>,
 ) -> T {
-    if !matches!(figment.find_value(name), Ok(Value::Dict(..))) {
+    let Ok(Value::Dict(_, table)) = figment.find_value(name) else {
         return T::default();
+    };
+    let (value, errors) = deserialize_all(&table);
+    for error in &errors {
+        problems.push(origins.figment_problem(error, name));
     }
-    figment.focus(name).extract().unwrap_or_else(|error| {
-        origins.figment_problems(error, name, problems);
-        T::default()
-    })
+    value.unwrap_or_default()
 }
 
 /// Applies the secrets that figment's environment provider skips, verbatim.

@@ -42,7 +42,7 @@ pub struct ServerSection {
     pub request_body_limit_bytes: usize,
     /// How long in-flight requests may finish after a shutdown signal; 0 stops at once.
     pub graceful_shutdown_seconds: u64,
-    /// Requests served at once; more are refused with 503 instead of queueing without bound.
+    /// Requests served at once; more are refused instead of queueing without bound.
     pub max_inflight: usize,
     /// Time a client has to send the request line and headers.
     pub header_read_timeout_ms: u64,
@@ -201,9 +201,9 @@ pub struct RateLimitSection {
     pub global_rps: Option<f64>,
     /// Requests that may go at once above the steady rate.
     pub burst: u32,
-    /// Longest a request waits for capacity before it is refused with 429.
+    /// Longest a request waits for capacity before it is refused.
     pub max_wait_ms: u64,
-    /// Requests that may wait for capacity at once; more are refused with 429.
+    /// Requests that may wait for capacity at once; more are refused.
     pub max_queue: usize,
     /// Completion tokens assumed for a request without `max_tokens`, for `tpm` accounting.
     pub default_completion_tokens: u32,

@@ -2,6 +2,10 @@
 //!
 //! Every test runs in a `figment::Jail`, which serializes environment changes and gives each
 //! test a fresh working directory for `config.toml` / `config.json`.
+#![allow(
+    clippy::result_large_err,
+    reason = "figment::Jail closures must return figment::Result, whose error is large"
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -331,6 +335,26 @@ fn environment_alone() {
                 .keys
                 .iter()
                 .all(|key| key.url == "http://localhost:4000/v1" && key.models == ["others"])
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_values_that_look_structured_stay_strings() {
+    jail(|jail| {
+        jail.set_env("OPENAI_KEYS", "sk-a");
+        jail.set_env("KCP_OBSERVABILITY__TRACING_LEVEL", "kcp_server=debug,info");
+        jail.set_env("KCP_UPSTREAM__CA_FILE", "ca.pem");
+        jail.create_file("ca.pem", "")?;
+        let loaded = loaded(&Cli::default())?;
+        assert_eq!(
+            loaded.config.observability.tracing_level,
+            "kcp_server=debug,info"
+        );
+        assert_eq!(
+            loaded.config.upstream.ca_file,
+            Some(PathBuf::from("ca.pem"))
         );
         Ok(())
     });

@@ -9,45 +9,60 @@
 use std::net::SocketAddr;
 
 use http::Uri;
+use kcp_core::Secret;
 
 use super::error::Problem;
 use super::load::Origins;
-use super::sections::Config;
+use super::sections::{
+    Config, CorsSection, ObservabilitySection, RateLimitSection, ServerSection, UpstreamSection,
+};
 
 /// Levels `tracing_level` accepts as a single word.
 const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// Checks every value of `config`, appending what is wrong to `problems`.
 pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<Problem>) {
-    let defaults = Config::default();
     let mut check = Checker { origins, problems };
+    server(&mut check, &config.server);
+    check.listeners(config.server.bind_addr, config.observability.metrics_bind);
+    upstream(&mut check, &config.upstream);
+    rate_limit(&mut check, &config.rate_limit);
+    observability(&mut check, &config.observability);
+    cors(&mut check, &config.cors);
+}
 
-    let server = &config.server;
-    let default = &defaults.server;
-    check.positive(
-        "server.request_body_limit_bytes",
-        server.request_body_limit_bytes as u64,
-        default.request_body_limit_bytes as u64,
-        "bytes",
-    );
-    check.positive(
-        "server.max_inflight",
-        server.max_inflight as u64,
-        default.max_inflight as u64,
-        "requests",
-    );
-    check.positive(
-        "server.header_read_timeout_ms",
-        server.header_read_timeout_ms,
-        default.header_read_timeout_ms,
-        "milliseconds",
-    );
-    check.positive(
-        "server.body_read_timeout_ms",
-        server.body_read_timeout_ms,
-        default.body_read_timeout_ms,
-        "milliseconds",
-    );
+fn server(check: &mut Checker<'_, '_>, server: &ServerSection) {
+    let default = ServerSection::default();
+    let sizes = [
+        (
+            "server.request_body_limit_bytes",
+            server.request_body_limit_bytes,
+            default.request_body_limit_bytes,
+        ),
+        (
+            "server.max_inflight",
+            server.max_inflight,
+            default.max_inflight,
+        ),
+    ];
+    for (path, value, default) in sizes {
+        check.positive(path, value as u64, default as u64, "");
+    }
+    let timeouts = [
+        (
+            "server.header_read_timeout_ms",
+            server.header_read_timeout_ms,
+            default.header_read_timeout_ms,
+        ),
+        (
+            "server.body_read_timeout_ms",
+            server.body_read_timeout_ms,
+            default.body_read_timeout_ms,
+        ),
+    ];
+    for (path, value, default) in timeouts {
+        check.positive(path, value, default, " milliseconds");
+    }
     if server.max_header_bytes < MIN_HEADER_BYTES {
         check.fail(
             "server.max_header_bytes",
@@ -61,10 +76,10 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
             ),
         );
     }
-    check.listeners(server.bind_addr, config.observability.metrics_bind);
+}
 
-    let upstream = &config.upstream;
-    let default = &defaults.upstream;
+fn upstream(check: &mut Checker<'_, '_>, upstream: &UpstreamSection) {
+    let default = UpstreamSection::default();
     if let Err(reason) = http_url(&upstream.base_url) {
         check.fail(
             "upstream.base_url",
@@ -75,24 +90,26 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
             ),
         );
     }
-    check.positive(
-        "upstream.connect_timeout_ms",
-        upstream.connect_timeout_ms,
-        default.connect_timeout_ms,
-        "milliseconds",
-    );
-    check.positive(
-        "upstream.request_timeout_ms",
-        upstream.request_timeout_ms,
-        default.request_timeout_ms,
-        "milliseconds",
-    );
-    check.positive(
-        "upstream.stream_idle_timeout_ms",
-        upstream.stream_idle_timeout_ms,
-        default.stream_idle_timeout_ms,
-        "milliseconds",
-    );
+    let timeouts = [
+        (
+            "upstream.connect_timeout_ms",
+            upstream.connect_timeout_ms,
+            default.connect_timeout_ms,
+        ),
+        (
+            "upstream.request_timeout_ms",
+            upstream.request_timeout_ms,
+            default.request_timeout_ms,
+        ),
+        (
+            "upstream.stream_idle_timeout_ms",
+            upstream.stream_idle_timeout_ms,
+            default.stream_idle_timeout_ms,
+        ),
+    ];
+    for (path, value, default) in timeouts {
+        check.positive(path, value, default, " milliseconds");
+    }
     if upstream.retry_initial_backoff_ms > upstream.retry_max_backoff_ms {
         check.fail(
             "upstream.retry_initial_backoff_ms",
@@ -103,27 +120,28 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
             "make retry_initial_backoff_ms at most retry_max_backoff_ms",
         );
     }
-    if let Some(path) = &upstream.ca_file {
-        if !path.is_file() {
-            check.fail(
-                "upstream.ca_file",
-                format!("{} does not exist or is not a file", path.display()),
-                "point ca_file at a PEM bundle, or remove it to trust only the built-in roots",
-            );
-        }
+    if let Some(path) = upstream.ca_file.as_ref().filter(|path| !path.is_file()) {
+        check.fail(
+            "upstream.ca_file",
+            format!("{} does not exist or is not a file", path.display()),
+            "point ca_file at a PEM bundle, or remove it to trust only the built-in roots",
+        );
     }
+}
 
-    let rate_limit = &config.rate_limit;
+fn rate_limit(check: &mut Checker<'_, '_>, rate_limit: &RateLimitSection) {
     check.rate("rate_limit.per_key_rps", rate_limit.per_key_rps);
     check.rate("rate_limit.global_rps", rate_limit.global_rps);
+    let default = RateLimitSection::default();
     check.positive(
         "rate_limit.burst",
-        u64::from(rate_limit.burst),
-        u64::from(defaults.rate_limit.burst),
-        "requests",
+        rate_limit.burst.into(),
+        default.burst.into(),
+        " requests",
     );
+}
 
-    let observability = &config.observability;
+fn observability(check: &mut Checker<'_, '_>, observability: &ObservabilitySection) {
     if let Err(reason) = tracing_level(&observability.tracing_level) {
         check.fail(
             "observability.tracing_level",
@@ -134,7 +152,7 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
     if observability
         .admin_token
         .as_ref()
-        .is_some_and(|token| token.is_empty())
+        .is_some_and(Secret::is_empty)
     {
         check.fail(
             "observability.admin_token",
@@ -142,8 +160,10 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
             "set a long random token, or remove admin_token to keep the admin API off",
         );
     }
+}
 
-    for (index, origin) in config.cors.allowed_origins.iter().enumerate() {
+fn cors(check: &mut Checker<'_, '_>, cors: &CorsSection) {
+    for (index, origin) in cors.allowed_origins.iter().enumerate() {
         if let Err(reason) = cors_origin(origin) {
             check.fail_at(
                 "cors.allowed_origins",
@@ -172,6 +192,9 @@ pub(super) fn http_url(value: &str) -> Result<(), String> {
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("has no host".to_owned());
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not contain credentials (user:password@)".to_owned());
     }
     Ok(())
 }
@@ -231,12 +254,13 @@ impl Checker<'_, '_> {
             .push(Problem::new(self.origins.of(path), message, fix));
     }
 
+    /// `value` must not be 0; `unit` (with a leading space) is shown with the default.
     fn positive(&mut self, path: &str, value: u64, default: u64, unit: &str) {
         if value == 0 {
             self.fail(
                 path,
                 "is 0; it must be greater than 0",
-                format!("set it to a positive number of {unit} (default {default})"),
+                format!("set it to a positive number (default {default}{unit})"),
             );
         }
     }
@@ -300,6 +324,7 @@ mod tests {
         assert!(http_url("ftp://example.com").is_err());
         assert!(http_url("https://").is_err());
         assert!(http_url("not a url").is_err());
+        assert!(http_url("https://user:pw@example.com/v1").is_err());
     }
 
     #[test]
