@@ -154,7 +154,8 @@ impl UpstreamSection {
 pub struct KeysSection {
     /// How the next key is chosen among the eligible ones.
     pub rotation_strategy: RotationStrategy,
-    /// How strongly health-weighted rotation avoids a key that recently failed.
+    /// Health lost per upstream failure, in units of 20 points out of 1000 (a success earns
+    /// 10); the health score weights `round_robin_health_weighted`.
     pub unhealthy_penalty: u32,
 }
 
