@@ -1,7 +1,17 @@
 //! KeyCycleProxy server: the hyper service that wires kcp-core and kcp-upstream together.
 //!
 //! Only this crate knows HTTP; only kcp-core knows policy.
+pub mod access_log;
+pub mod admin;
+pub mod auth;
+pub mod body_limit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod cors;
+pub mod logging;
+pub mod metrics;
 pub mod openai_error;
+pub mod overload;
+pub mod request_id;
+pub mod signals;
