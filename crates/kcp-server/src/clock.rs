@@ -34,7 +34,9 @@ pub fn to_instant(time: Time) -> Instant {
 
 /// The wall clock as a duration since the Unix epoch (for HTTP-date `Retry-After`).
 pub fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 thread_local! {

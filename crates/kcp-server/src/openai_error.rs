@@ -41,7 +41,12 @@ struct Inner<'a> {
 
 impl OpenAiError {
     /// An error with the given status, type, code and message.
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         OpenAiError {
             status,
             kind,
@@ -76,7 +81,10 @@ impl OpenAiError {
         let mut response = Response::new(B::from(Full::new(self.body())));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -189,7 +197,12 @@ impl OpenAiError {
 
     /// 400 for a request the proxy cannot even read (e.g. a malformed multipart body).
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            message,
+        )
     }
 }
 
@@ -204,7 +217,11 @@ mod tests {
         assert_eq!(value["error"]["code"], "rate_limit_exceeded");
         assert_eq!(value["error"]["type"], "requests");
         assert!(value["error"]["param"].is_null());
-        assert!(value["error"]["message"].as_str().is_some_and(|m| m.contains("3 s")));
+        assert!(
+            value["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("3 s"))
+        );
         let response: Response<Full<Bytes>> = err.into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "3");
