@@ -2,5 +2,6 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod mock_upstream;
+pub mod proxy_harness;
 
 pub use mock_upstream::{Behaviour, Call, MockUpstream};

@@ -3,6 +3,7 @@
 //! Only this crate knows HTTP; only kcp-core knows policy.
 pub mod access_log;
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod body_limit;
 pub mod cli;
@@ -13,5 +14,8 @@ pub mod logging;
 pub mod metrics;
 pub mod openai_error;
 pub mod overload;
+pub mod proxy;
 pub mod request_id;
+pub mod serve;
+pub mod service;
 pub mod signals;

@@ -1,0 +1,142 @@
+//! The proxy's shared state: one [`App`] per running server, behind an `Arc`.
+//!
+//! Request handling never takes a lock here. The key pool and the active configuration sit
+//! behind [`ArcSwap`]s: a request loads each once (one atomic increment) and keeps that
+//! snapshot to its end, while a reload builds a new pool (`KeyPool::rebuild`, which keeps the
+//! live state of every key still present) and stores it for the next requests. One
+//! [`Upstream`] (one connection pool) serves every key, so keys of the same provider share
+//! warm connections.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, Strategy};
+use kcp_upstream::{Upstream, UpstreamConfig};
+
+use crate::clock;
+use crate::config::{Config, LoadedConfig, ResolvedKey, RotationStrategy, UpstreamSection};
+use crate::proxy::headers;
+use crate::serve::StartError;
+
+/// State shared by every connection and request of one server.
+#[derive(Debug)]
+pub struct App {
+    /// The key pool in service; swap in a rebuilt pool to reload keys.
+    pub pool: ArcSwap<KeyPool>,
+    /// The configuration in force (settings, keys as configured, client tokens).
+    pub config: ArcSwap<LoadedConfig>,
+    /// The upstream client: one connection pool for every key.
+    pub upstream: Upstream,
+    /// Set once shutdown begins: the proxy finishes what it has and takes nothing new.
+    pub draining: AtomicBool,
+    /// Requests waiting for a cooling key right now (the bounded queue of `rate_limit`).
+    pub waiting: AtomicUsize,
+}
+
+impl App {
+    /// Builds the pool and the upstream client from a checked configuration. No I/O except
+    /// reading `upstream.ca_file`.
+    pub fn new(loaded: LoadedConfig) -> Result<App, StartError> {
+        check_key_headers(&loaded.keys)?;
+        let pool = KeyPool::new(key_specs(&loaded.keys), pool_config(&loaded.config))?;
+        let upstream = Upstream::new(&upstream_config(&loaded.config.upstream))?;
+        Ok(App {
+            pool: ArcSwap::from_pointee(pool),
+            config: ArcSwap::from_pointee(loaded),
+            upstream,
+            draining: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+        })
+    }
+
+    /// The key pool in service now.
+    pub fn pool(&self) -> Arc<KeyPool> {
+        self.pool.load_full()
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<LoadedConfig> {
+        self.config.load_full()
+    }
+
+    /// How many keys are in each state now (`GET /health`).
+    pub fn key_counts(&self) -> StateCounts {
+        self.pool.load().counts(clock::now())
+    }
+
+    /// Whether the proxy should get traffic (`GET /ready`): not while it drains, and not
+    /// while every key is disabled, since then each request could only fail.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining: the proxy is shutting down");
+        }
+        let counts = self.key_counts();
+        if counts.total == counts.disabled {
+            return Err("no usable API key: every key is disabled");
+        }
+        Ok(())
+    }
+}
+
+/// The pool's view of the configured keys, in precedence order.
+pub fn key_specs(keys: &[ResolvedKey]) -> Vec<KeySpec> {
+    keys.iter()
+        .map(|key| KeySpec {
+            secret: key.secret.clone(),
+            name: key.name.clone(),
+            url: key.url.clone(),
+            models: key.models.clone(),
+            weight: key.weight,
+            rpm: key.rpm,
+            tpm: key.tpm,
+            organization: key.organization.clone(),
+            project: key.project.clone(),
+        })
+        .collect()
+}
+
+/// The pool-wide policy of `[keys]` and `[rate_limit]`.
+pub fn pool_config(config: &Config) -> PoolConfig {
+    PoolConfig {
+        strategy: match config.keys.rotation_strategy {
+            RotationStrategy::RoundRobin => Strategy::RoundRobin,
+            RotationStrategy::RoundRobinHealthWeighted => Strategy::RoundRobinHealthWeighted,
+            RotationStrategy::LeastLatency => Strategy::LeastLatency,
+        },
+        unhealthy_penalty: config.keys.unhealthy_penalty,
+        per_key_rps: config.rate_limit.per_key_rps,
+        global_rps: config.rate_limit.global_rps,
+        burst: NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN),
+    }
+}
+
+/// The upstream client's settings of `[upstream]`.
+pub fn upstream_config(section: &UpstreamSection) -> UpstreamConfig {
+    UpstreamConfig {
+        connect_timeout: section.connect_timeout(),
+        request_timeout: section.request_timeout(),
+        stream_idle_timeout: section.stream_idle_timeout(),
+        ca_file: section.ca_file.clone(),
+        ..UpstreamConfig::default()
+    }
+}
+
+/// Every key must fit in the headers it is sent with; checked once here rather than failing
+/// each request that lands on it.
+fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> {
+    for key in keys {
+        if let Err(field) = headers::check_key(
+            &key.secret,
+            key.organization.as_deref(),
+            key.project.as_deref(),
+        ) {
+            return Err(StartError::KeyHeader {
+                key: key.label(),
+                field,
+            });
+        }
+    }
+    Ok(())
+}

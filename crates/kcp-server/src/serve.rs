@@ -1,0 +1,198 @@
+//! The listener: accepting connections, serving HTTP/1.1 and h2 on them, and draining on
+//! shutdown.
+//!
+//! Each accepted connection is served by hyper-util's `auto` builder (HTTP/1.1, or h2 with
+//! prior knowledge) in its own task. On shutdown the listener is dropped at once, so new
+//! connections are refused rather than served during the grace period (the original kept
+//! serving while it "drained"); every open connection is told to finish: HTTP/1.1 completes
+//! its current response, streams included, then closes; h2 sends GOAWAY and completes its
+//! open streams. After `server.graceful_shutdown_seconds` whatever is left is cut.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::app::App;
+use crate::config::{LoadedConfig, ServerSection};
+use crate::proxy::probe;
+use crate::service;
+
+/// Pause after an accept error such as running out of file descriptors, so the loop does
+/// not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The key pool cannot be built from the configured keys.
+    #[error("cannot build the key pool")]
+    Pool(#[from] kcp_core::PoolError),
+    /// The upstream client cannot be built (`upstream.ca_file`).
+    #[error("cannot set up the upstream client")]
+    Upstream(#[from] kcp_upstream::BuildError),
+    /// A key field cannot be sent as an HTTP header.
+    #[error("API key `{key}`: its {field} is not a valid HTTP header value")]
+    KeyHeader {
+        /// The key's name or fingerprint.
+        key: String,
+        /// `key`, `organization` or `project`.
+        field: &'static str,
+    },
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// `server.bind_addr`.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Serving ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The grace period ended with connections still open; they were cut.
+    #[error("{connections} connection(s) still open after the {grace:?} grace period were cut")]
+    DrainTimeout {
+        /// Connections cut.
+        connections: usize,
+        /// `server.graceful_shutdown_seconds`.
+        grace: Duration,
+    },
+}
+
+/// A bound server, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    app: Arc<App>,
+}
+
+impl Server {
+    /// Builds everything from a loaded config and binds `config.server.bind_addr`. No I/O
+    /// before this (apart from reading `upstream.ca_file`).
+    pub async fn bind(loaded: LoadedConfig) -> Result<Server, StartError> {
+        let addr = loaded.config.server.bind_addr;
+        let app = Arc::new(App::new(loaded)?);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Server {
+            listener,
+            local_addr,
+            app,
+        })
+    }
+
+    /// The address actually bound (the port is chosen by the OS for `:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared state, for tests and the admin API.
+    pub fn app(&self) -> Arc<App> {
+        Arc::clone(&self.app)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting at once, drains in-flight
+    /// requests (streams included) for up to `server.graceful_shutdown_seconds`, and
+    /// returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server { listener, app, .. } = self;
+        let server = app.config().config.server.clone();
+        let builder = http_builder(&server);
+        let probes = tokio::spawn(probe::run(Arc::clone(&app)));
+        let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(finished) = connections.join_next(), if !connections.is_empty() => {
+                    if let Ok(Err(error)) = finished {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => {
+                        let _ = tcp.set_nodelay(true);
+                        let app = Arc::clone(&app);
+                        let service = service_fn(move |request| {
+                            let app = Arc::clone(&app);
+                            async move { Ok::<_, Infallible>(service::handle(app, request).await) }
+                        });
+                        let connection = builder
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .into_owned();
+                        connections.spawn(graceful.watch(connection));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        app.draining.store(true, Ordering::Release);
+        let grace = server.graceful_shutdown();
+        tracing::info!(
+            connections = connections.len(),
+            grace_secs = grace.as_secs(),
+            "shutting down: draining connections"
+        );
+        let drain = async {
+            graceful.shutdown().await;
+            while connections.join_next().await.is_some() {}
+        };
+        let drained = tokio::time::timeout(grace, drain).await.is_ok();
+        probes.abort();
+        if drained {
+            return Ok(());
+        }
+        let cut = connections.len();
+        connections.shutdown().await;
+        Err(ServeError::DrainTimeout {
+            connections: cut,
+            grace,
+        })
+    }
+}
+
+/// The HTTP/1.1 + h2 connection builder with the listener's limits.
+fn http_builder(server: &ServerSection) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout())
+        .max_buf_size(server.max_header_bytes.max(MIN_BUF_SIZE));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// hyper's lower bound for its HTTP/1 read buffer.
+const MIN_BUF_SIZE: usize = 8192;

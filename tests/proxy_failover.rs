@@ -1,0 +1,394 @@
+//! End-to-end: failover, retries, waiting and giving up, by error class, with the exact
+//! number of upstream calls each scenario may make.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
+use key_cycle_proxy::server::clock;
+use key_cycle_proxy::server::proxy::probe;
+use support::proxy_harness::{Proxy, Reply, closed_port_url, start_proxy};
+use support::{Behaviour, MockUpstream};
+
+const KEY_A: &str = "sk-test-alpha-000000000001";
+const KEY_B: &str = "sk-test-bravo-000000000002";
+
+async fn two_keys(
+    mock: &MockUpstream,
+    tweak: impl FnOnce(&mut key_cycle_proxy::server::config::Config),
+) -> Proxy {
+    start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["others"]),
+            (KEY_B, mock.url(), vec!["others"]),
+        ],
+        tweak,
+    )
+    .await
+}
+
+fn status_of(proxy: &Proxy, key: &str) -> (KeyStatus, Option<DisableReason>) {
+    let fingerprint = Secret::new(key).fingerprint();
+    let snapshot = proxy
+        .app
+        .pool()
+        .snapshot(clock::now())
+        .into_iter()
+        .find(|k| k.fingerprint == fingerprint)
+        .expect("key in pool");
+    (snapshot.status, snapshot.disabled_reason)
+}
+
+/// No trace of a provider's key-rejection body (which quotes a masked key) in a reply.
+fn assert_no_key_leak(reply: &Reply) {
+    let text = String::from_utf8_lossy(&reply.body);
+    for leak in [
+        "Incorrect API key",
+        "sk-te",
+        "***",
+        "current quota",
+        "Country",
+    ] {
+        assert!(!text.contains(leak), "reply leaks {leak:?}: {text}");
+    }
+}
+
+/// Sends four chats with key A answering `behaviour`: A is called once and then avoided,
+/// B serves everything, and the client never sees A's answer.
+async fn fails_over_once(behaviour: Behaviour) -> Proxy {
+    let mock = MockUpstream::start().await;
+    mock.set(KEY_A, behaviour);
+    let proxy = two_keys(&mock, |_| {}).await;
+    for _ in 0..4 {
+        let reply = proxy.chat("gpt-4o").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_no_key_leak(&reply);
+    }
+    assert_eq!(mock.calls_for(KEY_A), 1, "A is tried once, then left alone");
+    assert_eq!(mock.calls_for(KEY_B), 4);
+    proxy
+}
+
+#[tokio::test]
+async fn unauthorized_key_fails_over_and_is_disabled() {
+    let proxy = fails_over_once(Behaviour::Unauthorized).await;
+    assert_eq!(
+        status_of(&proxy, KEY_A),
+        (KeyStatus::Disabled, Some(DisableReason::Unauthorized))
+    );
+}
+
+#[tokio::test]
+async fn forbidden_key_fails_over_and_is_disabled() {
+    let proxy = fails_over_once(Behaviour::Forbidden).await;
+    assert_eq!(
+        status_of(&proxy, KEY_A),
+        (KeyStatus::Disabled, Some(DisableReason::Forbidden))
+    );
+}
+
+#[tokio::test]
+async fn exhausted_quota_fails_over_and_is_disabled() {
+    let proxy = fails_over_once(Behaviour::InsufficientQuota).await;
+    assert_eq!(
+        status_of(&proxy, KEY_A),
+        (KeyStatus::Disabled, Some(DisableReason::QuotaExhausted))
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_key_fails_over_and_cools() {
+    let proxy = fails_over_once(Behaviour::rate_limited_secs(30)).await;
+    assert_eq!(status_of(&proxy, KEY_A), (KeyStatus::Cooling, None));
+}
+
+#[tokio::test]
+async fn server_error_is_retried_then_succeeds() {
+    let mock = MockUpstream::start().await;
+    mock.script(
+        KEY_A,
+        vec![
+            Behaviour::status(500),
+            Behaviour::status(502),
+            Behaviour::Ok,
+        ],
+    );
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |config| {
+        config.upstream.max_retries = 3;
+    })
+    .await;
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["model"], "gpt-4o");
+    assert_eq!(mock.calls().len(), 3);
+}
+
+#[tokio::test]
+async fn server_error_on_every_try_passes_the_last_answer_through() {
+    let mock = MockUpstream::start().await;
+    let provider_body =
+        r#"{"error":{"message":"engine exploded","type":"server_error","param":null,"code":null}}"#;
+    mock.set_default(Behaviour::Status {
+        status: 500,
+        body: provider_body.to_owned(),
+        headers: vec![("x-provider-trace".to_owned(), "t-1".to_owned())],
+    });
+    let proxy = two_keys(&mock, |config| config.upstream.max_retries = 3).await;
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.text(), provider_body, "the provider's own body");
+    assert_eq!(reply.header("x-provider-trace"), Some("t-1"));
+    assert_eq!(mock.calls().len(), 4, "max_retries + 1 calls");
+    assert_eq!(mock.calls_for(KEY_A), 2, "retries alternate between keys");
+    assert_eq!(mock.calls_for(KEY_B), 2);
+}
+
+#[tokio::test]
+async fn retries_reuse_the_only_key() {
+    let mock = MockUpstream::start().await;
+    mock.set(KEY_A, Behaviour::status(503));
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |config| {
+        config.upstream.max_retries = 2;
+    })
+    .await;
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["error"]["type"], "server_error");
+    assert_eq!(mock.calls_for(KEY_A), 3);
+}
+
+#[tokio::test]
+async fn request_errors_are_passed_through_after_exactly_one_call() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Behaviour::status(400));
+    let proxy = two_keys(&mock, |config| config.upstream.max_retries = 3).await;
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["error"]["message"], "Invalid request.");
+    assert_eq!(mock.calls().len(), 1, "never retried, never on another key");
+    mock.set_default(Behaviour::status(404));
+    assert_eq!(
+        proxy.get("/v1/models/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(mock.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn refused_connections_end_in_502() {
+    let url = closed_port_url().await;
+    let proxy = start_proxy(vec![(KEY_A, url, vec!["others"])], |config| {
+        config.upstream.max_retries = 1;
+    })
+    .await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_code(), "upstream_unavailable");
+    assert!(
+        !reply.text().contains("127.0.0.1"),
+        "no upstream address for the client"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn hanging_upstream_ends_in_504_and_is_cancelled() {
+    let mock = MockUpstream::start().await;
+    mock.set(KEY_A, Behaviour::Hang);
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |config| {
+        config.upstream.request_timeout_ms = 200;
+        config.upstream.max_retries = 1;
+    })
+    .await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.error_code(), "upstream_timeout");
+    assert_eq!(mock.calls_for(KEY_A), 2, "one retry");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(
+        mock.wait_cancelled(2, Duration::from_secs(2)).await,
+        "timed-out requests are dropped upstream"
+    );
+}
+
+#[tokio::test]
+async fn all_keys_briefly_rate_limited_means_waiting_then_success() {
+    let mock = MockUpstream::start().await;
+    let limited = Behaviour::RateLimited {
+        retry_after: None,
+        retry_after_ms: Some("300".to_owned()),
+        reset_requests: None,
+    };
+    mock.script(KEY_A, vec![limited.clone()]);
+    mock.script(KEY_B, vec![limited]);
+    let proxy = two_keys(&mock, |config| config.rate_limit.max_wait_ms = 2_000).await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "waited for the rest"
+    );
+    assert_eq!(
+        mock.calls().len(),
+        3,
+        "A, B, then one of them after the rest"
+    );
+}
+
+#[tokio::test]
+async fn all_keys_rate_limited_for_long_means_429_with_retry_after() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Behaviour::rate_limited_secs(30));
+    let proxy = two_keys(&mock, |_| {}).await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.error_code(), "rate_limit_exceeded");
+    assert_eq!(reply.header("retry-after"), Some("30"));
+    assert_eq!(mock.calls().len(), 2, "each key once");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no pointless wait"
+    );
+    assert_no_key_leak(&reply);
+
+    // Both keys rest now: the next request is answered without an upstream call.
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = reply
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((29..=30).contains(&retry_after));
+    assert_eq!(mock.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn a_full_wait_queue_answers_429_at_once() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Behaviour::RateLimited {
+        retry_after: None,
+        retry_after_ms: Some("800".to_owned()),
+        reset_requests: None,
+    });
+    let proxy = two_keys(&mock, |config| config.rate_limit.max_queue = 0).await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn all_keys_rejected_means_503_without_the_providers_words() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Behaviour::Unauthorized);
+    let proxy = two_keys(&mock, |_| {}).await;
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.error_code(), "no_available_keys");
+    assert_no_key_leak(&reply);
+    assert_eq!(mock.calls().len(), 2);
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.error_code(), "no_available_keys");
+    assert_eq!(mock.calls().len(), 2, "disabled keys are not called");
+}
+
+#[tokio::test]
+async fn unknown_model_without_fallback_is_404_without_calls() {
+    let mock = MockUpstream::start().await;
+    let proxy = start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["gpt-4o"]),
+            (KEY_B, mock.url(), vec!["gpt-4o-mini"]),
+        ],
+        |_| {},
+    )
+    .await;
+    let reply = proxy.chat("claude-3").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.error_code(), "model_not_found");
+    assert!(reply.text().contains("claude-3"));
+    assert_eq!(mock.calls().len(), 0);
+    assert_eq!(proxy.chat("gpt-4o-mini").await.status, StatusCode::OK);
+    assert_eq!(mock.calls_for(KEY_B), 1);
+}
+
+#[tokio::test]
+async fn a_503_retry_after_within_the_cap_is_waited_out() {
+    let mock = MockUpstream::start().await;
+    let unavailable = Behaviour::Status {
+        status: 503,
+        body: r#"{"error":{"message":"busy","type":"server_error","param":null,"code":null}}"#
+            .to_owned(),
+        headers: vec![("retry-after".to_owned(), "1".to_owned())],
+    };
+    mock.script(KEY_A, vec![unavailable]);
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |config| {
+        config.upstream.retry_max_backoff_ms = 1_500;
+    })
+    .await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    assert_eq!(mock.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn a_503_retry_after_beyond_the_cap_is_passed_through() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Behaviour::Status {
+        status: 503,
+        body: r#"{"error":{"message":"down for maintenance","type":"server_error","param":null,"code":null}}"#
+            .to_owned(),
+        headers: vec![("retry-after".to_owned(), "120".to_owned())],
+    });
+    let proxy = two_keys(&mock, |_| {}).await;
+    let started = Instant::now();
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.header("retry-after"), Some("120"));
+    assert!(reply.text().contains("down for maintenance"));
+    assert_eq!(mock.calls().len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_rejected_key_is_re_checked_and_comes_back() {
+    let mock = MockUpstream::start().await;
+    mock.set(KEY_A, Behaviour::Unauthorized);
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    assert_eq!(
+        proxy.chat("gpt-4o").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        proxy.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // The key is restored; its re-check is due a minute after it was disabled.
+    mock.set(KEY_A, Behaviour::Ok);
+    let pool = proxy.app.pool();
+    let later = clock::now() + Duration::from_secs(61);
+    let index = pool.due_probes(later)[0];
+    let lease = pool.probe(index, later).expect("a probe lease");
+    let changes = probe::check(&proxy.app, lease).await;
+    assert_eq!(changes.iter().count(), 1, "{changes:?}");
+    let probe_call = mock.calls().pop().expect("the probe's call");
+    assert_eq!(probe_call.path_and_query, "/v1/models");
+    assert_eq!(probe_call.method, "GET");
+
+    assert_eq!(proxy.get("/ready").await.status, StatusCode::OK);
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    assert_eq!(status_of(&proxy, KEY_A).0, KeyStatus::Available);
+}
