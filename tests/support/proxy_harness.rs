@@ -32,6 +32,8 @@ pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 /// A running proxy.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The metrics and admin listener.
+    pub metrics_addr: SocketAddr,
     pub app: Arc<App>,
     pub client: HttpClient,
     shutdown: Option<oneshot::Sender<()>>,
@@ -42,6 +44,7 @@ pub struct Proxy {
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.server.bind_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.observability.metrics_bind = SocketAddr::from(([127, 0, 0, 1], 0));
     config.server.graceful_shutdown_seconds = 5;
     config.upstream.connect_timeout_ms = 2_000;
     config.upstream.request_timeout_ms = 5_000;
@@ -94,8 +97,14 @@ pub async fn start_proxy(
 
 /// Starts the proxy with a configuration built by the test.
 pub async fn start_loaded(loaded: LoadedConfig) -> Proxy {
-    let server = Server::bind(loaded).await.expect("proxy starts");
+    start_app(App::new(loaded).expect("valid proxy config")).await
+}
+
+/// Starts the proxy around an [`App`] built by the test (one that can reload, say).
+pub async fn start_app(app: App) -> Proxy {
+    let server = Server::bind_app(app).await.expect("proxy starts");
     let addr = server.local_addr();
+    let metrics_addr = server.metrics_addr();
     let app = server.app();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(server.run(async move {
@@ -103,6 +112,7 @@ pub async fn start_loaded(loaded: LoadedConfig) -> Proxy {
     }));
     Proxy {
         addr,
+        metrics_addr,
         app,
         client: client(),
         shutdown: Some(tx),
@@ -154,6 +164,11 @@ impl Proxy {
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://127.0.0.1:METRICS_PORT{path}`: the metrics and admin listener.
+    pub fn metrics_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.metrics_addr)
     }
 
     /// A request to `path` with `headers` and `body`.

@@ -8,10 +8,12 @@
 //! Key state changes (a key cooling, disabled, re-enabled, its circuit opening or closing, an
 //! account-wide throttle and its end) are `warn` events with target [`STATE_TARGET`]
 //! (`kcp::keys`): rare, and exactly what an operator on call wants to see, recoveries included,
-//! so that every "down" line has its "up" line at the same level.
+//! so that every "down" line has its "up" line at the same level. Each says why (`reason`) and,
+//! for a rest, how long (`for_secs`) and until when (`until`, wall clock).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use httpdate::HttpDate;
 use kcp_core::{StateChange, Time};
 
 use crate::request_id::RequestId;
@@ -45,6 +47,30 @@ pub struct AccessRecord<'a> {
     pub total: Duration,
     /// Response body bytes sent to the client.
     pub bytes_out: u64,
+    /// How the response body ended.
+    pub body: BodyEnd,
+}
+
+/// How a response body ended, as the access line's `body` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Every byte was handed to the connection.
+    Complete,
+    /// The upstream failed mid-stream; the client's response was aborted.
+    Failed,
+    /// The client went away (or the connection was cut) before the end.
+    Cancelled,
+}
+
+impl BodyEnd {
+    /// The field value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyEnd::Complete => "complete",
+            BodyEnd::Failed => "failed",
+            BodyEnd::Cancelled => "cancelled",
+        }
+    }
 }
 
 impl AccessRecord<'_> {
@@ -62,6 +88,7 @@ impl AccessRecord<'_> {
             upstream_ttfb_ms = self.upstream_ttfb.map(millis),
             total_ms = millis(self.total),
             bytes_out = self.bytes_out,
+            body = self.body.as_str(),
             "request finished"
         );
     }
@@ -76,6 +103,7 @@ pub fn log_state_change(key: &str, change: &StateChange, now: Time) {
             state = "cooling",
             reason = "rate_limited",
             for_secs = secs_until(until, now),
+            until = wall_clock(until, now).map(tracing::field::display),
             "key rate limited: cooling"
         ),
         StateChange::Disabled { reason } => tracing::warn!(
@@ -97,6 +125,7 @@ pub fn log_state_change(key: &str, change: &StateChange, now: Time) {
             state = "circuit_open",
             reason = "upstream_failures",
             for_secs = secs_until(until, now),
+            until = wall_clock(until, now).map(tracing::field::display),
             "key circuit opened after repeated upstream failures"
         ),
         StateChange::CircuitClosed => tracing::warn!(
@@ -111,6 +140,7 @@ pub fn log_state_change(key: &str, change: &StateChange, now: Time) {
             state = "throttled",
             reason = "account_rate_limited",
             for_secs = secs_until(until, now),
+            until = wall_clock(until, now).map(tracing::field::display),
             "account-wide throttle: most keys of this upstream and organization were rate limited \
              together"
         ),
@@ -121,6 +151,12 @@ pub fn log_state_change(key: &str, change: &StateChange, now: Time) {
             "account-wide throttle lifted"
         ),
     }
+}
+
+/// The wall-clock time of `until` (an HTTP date, to the second); `None` for a deadline that
+/// never comes.
+fn wall_clock(until: Time, now: Time) -> Option<HttpDate> {
+    (until != Time::NEVER).then(|| HttpDate::from(SystemTime::now() + until.saturating_since(now)))
 }
 
 /// The path without its query string.
@@ -159,6 +195,7 @@ mod tests {
             upstream_ttfb: Some(Duration::from_micros(181_250)),
             total: Duration::from_millis(1_234),
             bytes_out: 5_120,
+            body: BodyEnd::Complete,
         }
     }
 
@@ -187,6 +224,7 @@ mod tests {
         assert_eq!(line["upstream_ttfb_ms"], 181.25);
         assert_eq!(line["total_ms"], 1234.0);
         assert_eq!(line["bytes_out"], 5120);
+        assert_eq!(line["body"], "complete");
     }
 
     #[test]
@@ -261,6 +299,11 @@ mod tests {
         assert_eq!(line["state"], "cooling");
         assert_eq!(line["reason"], "rate_limited");
         assert_eq!(line["for_secs"], 2.5);
+        let until = line["until"].as_str().expect("a wall-clock deadline");
+        assert!(
+            httpdate::parse_http_date(until).is_ok(),
+            "an HTTP date: {until}"
+        );
     }
 
     #[test]
@@ -299,6 +342,7 @@ mod tests {
     fn a_deadline_that_never_comes_has_no_duration() {
         let line = state_line(StateChange::Cooling { until: Time::NEVER });
         assert!(line.get("for_secs").is_none(), "{line}");
+        assert!(line.get("until").is_none(), "{line}");
     }
 
     #[test]

@@ -8,16 +8,21 @@
 //! warm connections.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, Strategy};
 use kcp_upstream::{Upstream, UpstreamConfig};
+use prometheus::Registry;
 
+use crate::cli::Cli;
 use crate::clock;
 use crate::config::{Config, LoadedConfig, ResolvedKey, RotationStrategy, UpstreamSection};
+use crate::metrics::Metrics;
+use crate::overload::InflightLimit;
 use crate::proxy::headers;
+use crate::reload::Policies;
 use crate::serve::StartError;
 
 /// State shared by every connection and request of one server.
@@ -33,6 +38,21 @@ pub struct App {
     pub draining: AtomicBool,
     /// Requests waiting for a cooling key right now (the bounded queue of `rate_limit`).
     pub waiting: AtomicUsize,
+    /// The proxy's metrics, registered in [`App::registry`].
+    pub metrics: Metrics,
+    /// Every metric of this server, rendered on `/metrics` ([`crate::observe`]).
+    pub registry: Registry,
+    /// Client auth, CORS and the admin gate of the configuration in force.
+    pub policies: ArcSwap<Policies>,
+    /// `server.max_inflight`: requests past it are refused with 503.
+    pub inflight: InflightLimit,
+    /// The command line the configuration is re-read with on reload ([`App::reloadable`]);
+    /// `None` for a configuration built in code. The lock makes reloads run one at a time.
+    pub(crate) source: Mutex<Option<Cli>>,
+    /// Counts successful reloads ([`App::subscribe_reloads`]).
+    pub(crate) reloads: tokio::sync::watch::Sender<u64>,
+    /// Becomes true when the drain begins ([`App::drain_begun`]).
+    drain_began: tokio::sync::watch::Sender<bool>,
 }
 
 impl App {
@@ -42,13 +62,34 @@ impl App {
         check_key_headers(&loaded.keys)?;
         let pool = KeyPool::new(key_specs(&loaded.keys), pool_config(&loaded.config))?;
         let upstream = Upstream::new(&upstream_config(&loaded.config.upstream))?;
-        Ok(App {
+        let registry = Registry::new();
+        let metrics =
+            Metrics::new(&registry).expect("a fresh registry holds none of the proxy's metrics");
+        let policies = Policies::new(&loaded);
+        let inflight = InflightLimit::new(loaded.config.server.max_inflight);
+        let app = App {
             pool: ArcSwap::from_pointee(pool),
             config: ArcSwap::from_pointee(loaded),
             upstream,
             draining: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
-        })
+            metrics,
+            registry,
+            policies: ArcSwap::from_pointee(policies),
+            inflight,
+            source: Mutex::new(None),
+            reloads: tokio::sync::watch::Sender::new(0),
+            drain_began: tokio::sync::watch::Sender::new(false),
+        };
+        app.on_pool_swapped(&app.pool.load());
+        Ok(app)
+    }
+
+    /// Brings what depends on the key pool up to date with `pool`, the pool now in service:
+    /// the models that get their own `model` metric label. Called at start and after every
+    /// reload that stored a new pool.
+    pub fn on_pool_swapped(&self, pool: &KeyPool) {
+        self.metrics.set_models(pool.routes().named_models());
     }
 
     /// The key pool in service now.
@@ -64,6 +105,19 @@ impl App {
     /// How many keys are in each state now (`GET /health`).
     pub fn key_counts(&self) -> StateCounts {
         self.pool.load().counts(clock::now())
+    }
+
+    /// Marks the start of the drain: the client listener is closed and `/ready` answers 503.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain_began.send_replace(true);
+    }
+
+    /// Resolves once the drain has begun ([`App::begin_drain`]).
+    pub async fn drain_begun(&self) {
+        let mut began = self.drain_began.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this borrows it.
+        let _ = began.wait_for(|began| *began).await;
     }
 
     /// Whether the proxy should get traffic (`GET /ready`): not while it drains, and not
@@ -125,7 +179,7 @@ pub fn upstream_config(section: &UpstreamSection) -> UpstreamConfig {
 
 /// Every key must fit in the headers it is sent with; checked once here rather than failing
 /// each request that lands on it.
-fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> {
+pub(crate) fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> {
     for key in keys {
         if let Err(field) = headers::check_key(
             &key.secret,

@@ -17,8 +17,8 @@ use std::io::IsTerminal;
 
 use tracing::Subscriber;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::registry::{LookupSpan, Registry};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -52,12 +52,42 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), LoggingError> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = filter(&effective_filter(level, rust_log.as_deref()))?;
     let ansi = format == LogFormat::Text && std::io::stdout().is_terminal();
+    install(filter, fmt_layer(format, std::io::stdout, ansi))
+}
+
+/// Installs the process-wide subscriber with `filter`, writing `format` lines to `writer`: what
+/// [`init`] does, for embedders and tests that capture every line of the process. Records of
+/// the `log` crate (rustls) are forwarded too.
+///
+/// Fails, without touching the installed one, when a global subscriber is already set.
+pub fn init_with<W>(filter: EnvFilter, format: LogFormat, writer: W) -> Result<(), LoggingError>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    install(filter, layer(format, writer))
+}
+
+fn install(
+    filter: EnvFilter,
+    layer: Box<dyn Layer<Layered<EnvFilter, Registry>> + Send + Sync + 'static>,
+) -> Result<(), LoggingError> {
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt_layer(format, std::io::stdout, ansi))
+        .with(layer)
         .try_init()
         .map_err(LoggingError::AlreadyInitialized)
 }
+
+/// Routes panics through the log instead of raw text on stderr, so that with `json` every
+/// line the process writes stays one JSON object. Call once, after [`init`].
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(target: PANIC_TARGET, panic = %info, "panic");
+    }));
+}
+
+/// Target of the line a panic is logged as.
+pub const PANIC_TARGET: &str = "kcp::panic";
 
 /// The filter directives in force: `RUST_LOG` when set and not blank, else the configured
 /// level, else [`DEFAULT_FILTER`].

@@ -1,17 +1,20 @@
 //! `kcp-server`: config → logging → build → serve → drain.
 //!
-//! Exit codes: 0 after a clean shutdown (or `--check-config` with a valid config), 64
-//! (`EX_USAGE`) for a configuration error, 1 when the server cannot start or its drain had
-//! to cut connections.
+//! Exit codes: 0 after a shutdown (or `--check-config` with a valid config), also when the
+//! grace period ran out and the rest was cut; 64 (`EX_USAGE`) for a configuration error; 1
+//! when the server cannot start. SIGHUP reloads the configuration, SIGTERM and SIGINT drain
+//! and stop ([`Signals::until_shutdown`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use kcp_server::app::App;
+use kcp_server::auth;
 use kcp_server::cli::Cli;
 use kcp_server::config::{self, ConfigError};
 use kcp_server::logging;
-use kcp_server::serve::Server;
-use kcp_server::signals::{Signal, Signals};
+use kcp_server::serve::{Server, error_chain};
+use kcp_server::signals::Signals;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -33,51 +36,44 @@ async fn main() -> ExitCode {
         eprintln!("kcp-server: {error}");
         return exit_code(ConfigError::EXIT_CODE);
     }
+    logging::log_panics();
     tracing::info!(keys = %loaded.sources, "configuration loaded");
-    let mut signals = match Signals::new() {
+    let signals = match Signals::new() {
         Ok(signals) => signals,
         Err(error) => {
             tracing::error!(%error, "cannot install signal handlers");
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::bind(loaded).await {
+    let bound = match App::new(loaded) {
+        Ok(app) => Server::bind_app(app.reloadable(cli)).await,
+        Err(error) => Err(error),
+    };
+    let server = match bound {
         Ok(server) => server,
         Err(error) => {
             tracing::error!(error = %error_chain(&error), "cannot start");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %server.local_addr(), "listening");
-    let shutdown = async move {
-        while signals.recv().await != Signal::Shutdown {
-            tracing::warn!("configuration reload on SIGHUP is not available yet; ignored");
-        }
-    };
-    match server.run(shutdown).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            tracing::warn!(%error, "stopped");
-            ExitCode::FAILURE
-        }
+    tracing::info!(
+        addr = %server.local_addr(),
+        metrics_addr = %server.metrics_addr(),
+        "listening"
+    );
+    if let Some(warning) =
+        auth::warn_if_open(server.local_addr(), &server.app().policies.load().auth)
+    {
+        tracing::warn!("{warning}");
     }
+    let shutdown = signals.until_shutdown(server.app());
+    match server.run(shutdown).await {
+        Ok(()) => tracing::info!("stopped"),
+        Err(error) => tracing::warn!(%error, "stopped"),
+    }
+    ExitCode::SUCCESS
 }
 
 fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }

@@ -106,6 +106,22 @@ impl UpstreamOutcome {
     }
 }
 
+impl UpstreamOutcome {
+    /// The `reason` label of `kcp_retries_total` for an attempt made after this outcome:
+    /// `rate_limited`, `key_rejected` (quota, billing, auth), `server_error`, `timeout` or
+    /// `connect_error`; `None` for outcomes that end the request.
+    pub fn retry_reason(self) -> Option<&'static str> {
+        match self {
+            UpstreamOutcome::Success | UpstreamOutcome::ClientError => None,
+            UpstreamOutcome::RateLimited => Some("rate_limited"),
+            UpstreamOutcome::Quota | UpstreamOutcome::Auth => Some("key_rejected"),
+            UpstreamOutcome::ServerError => Some("server_error"),
+            UpstreamOutcome::Timeout => Some("timeout"),
+            UpstreamOutcome::ConnectError => Some("connect_error"),
+        }
+    }
+}
+
 impl fmt::Display for UpstreamOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -178,7 +194,8 @@ impl Metrics {
             )?,
             overhead: Histogram::with_opts(histogram(
                 "kcp_overhead_seconds",
-                "Time spent in the proxy itself: total request time minus upstream time.",
+                "Time spent in the proxy itself up to the response head: that time minus \
+                 upstream time, waits for a key and retry backoff.",
                 OVERHEAD_BUCKETS,
             ))?,
             retries: IntCounterVec::new(
@@ -248,15 +265,16 @@ impl Metrics {
         }
     }
 
-    /// Records a finished client request: its status, its total time, and the proxy's overhead,
-    /// `total - upstream`, where `upstream` is the time spent waiting on the provider over all
-    /// attempts.
+    /// Records a finished client request: its status, its total time (head to last body byte),
+    /// and the proxy's `overhead`: the time to the response head minus the time spent waiting on
+    /// the provider and, by policy, for a key or a retry backoff ([`crate::observe`]); `None`
+    /// when the request never got a head (its client left first).
     pub fn request_finished(
         &self,
         model: Option<&str>,
         status: u16,
         total: Duration,
-        upstream: Duration,
+        overhead: Option<Duration>,
     ) {
         let model = self.model_label(model);
         let code = http::StatusCode::from_u16(status);
@@ -267,9 +285,9 @@ impl Metrics {
             .request_duration
             .with_label_values(&[model])
             .observe(total.as_secs_f64());
-        inner
-            .overhead
-            .observe(total.saturating_sub(upstream).as_secs_f64());
+        if let Some(overhead) = overhead {
+            inner.overhead.observe(overhead.as_secs_f64());
+        }
     }
 
     /// Records one upstream attempt with `key` (name or fingerprint) and, when response headers
@@ -288,8 +306,8 @@ impl Metrics {
         }
     }
 
-    /// Records a retry: `rate_limited`, `key_rejected`, `server_error`, `timeout` or
-    /// `connect_error`.
+    /// Records a retry: an upstream attempt made because the previous one ended with `reason`
+    /// (see [`UpstreamOutcome::retry_reason`]).
     pub fn retry(&self, reason: &'static str) {
         self.inner.retries.with_label_values(&[reason]).inc();
     }
@@ -495,7 +513,7 @@ mod tests {
             Some("gpt-4o"),
             200,
             Duration::from_millis(330),
-            Duration::from_millis(329),
+            Some(Duration::from_millis(1)),
         );
 
         assert_eq!(
@@ -551,8 +569,8 @@ mod tests {
         assert_eq!(metrics.model_label(None), NO_MODEL);
 
         let zero = Duration::ZERO;
-        metrics.request_finished(Some("made-up-model-123"), 404, zero, zero);
-        metrics.request_finished(None, 200, zero, zero);
+        metrics.request_finished(Some("made-up-model-123"), 404, zero, Some(zero));
+        metrics.request_finished(None, 200, zero, Some(zero));
         assert_eq!(
             series(&registry, "kcp_requests_total"),
             [
@@ -567,29 +585,33 @@ mod tests {
     }
 
     #[test]
-    fn overhead_never_goes_negative() {
+    fn overhead_is_observed_as_given() {
         let (registry, metrics) = setup();
-        metrics.request_finished(
-            None,
-            502,
-            Duration::from_millis(1),
-            Duration::from_millis(2),
-        );
+        metrics.request_finished(None, 502, Duration::from_secs(2), Some(Duration::ZERO));
+        metrics.request_finished(None, 499, Duration::from_secs(1), None);
         let out = text(&registry);
         assert!(
             out.lines().any(|l| l == "kcp_overhead_seconds_sum 0"),
             "{out}"
         );
         assert!(
+            out.lines().any(|l| l == "kcp_overhead_seconds_count 1"),
+            "{out}"
+        );
+        assert!(
             out.lines()
                 .any(|l| l == r#"kcp_requests_total{model="none",status="502"} 1"#)
+        );
+        assert!(
+            out.lines()
+                .any(|l| l == r#"kcp_requests_total{model="none",status="499"} 1"#)
         );
     }
 
     #[test]
     fn impossible_status_gets_a_bounded_label() {
         let (registry, metrics) = setup();
-        metrics.request_finished(None, 42, Duration::ZERO, Duration::ZERO);
+        metrics.request_finished(None, 42, Duration::ZERO, None);
         assert_eq!(
             series(&registry, "kcp_requests_total"),
             [r#"kcp_requests_total{model="none",status="invalid"} 1"#]
@@ -743,5 +765,26 @@ mod tests {
                 .all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
         );
         assert_eq!(UpstreamOutcome::ServerError.to_string(), "server_error");
+    }
+
+    #[test]
+    fn only_failures_have_a_retry_reason() {
+        let reasons: HashSet<_> = UpstreamOutcome::ALL
+            .iter()
+            .filter_map(|o| o.retry_reason())
+            .collect();
+        assert_eq!(
+            reasons,
+            HashSet::from([
+                "rate_limited",
+                "key_rejected",
+                "server_error",
+                "timeout",
+                "connect_error"
+            ])
+        );
+        assert_eq!(UpstreamOutcome::Success.retry_reason(), None);
+        assert_eq!(UpstreamOutcome::ClientError.retry_reason(), None);
+        assert_eq!(UpstreamOutcome::Quota.retry_reason(), Some("key_rejected"));
     }
 }

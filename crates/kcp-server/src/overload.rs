@@ -6,6 +6,8 @@
 //! tells SDKs (which retry 503s with backoff) to come back shortly — the load-shedding half of
 //! tower's `ConcurrencyLimit`, without its queue. The count is one atomic updated by
 //! compare-and-swap, so it never exceeds the cap even transiently, and admission takes no lock.
+//! A reload may change the cap ([`InflightLimit::set_max`]); requests already admitted keep
+//! their slots, and new ones are admitted only while the count is below the new cap.
 
 use std::fmt;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ pub struct InflightLimit {
 
 struct Counter {
     current: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 /// One admitted request; leaving (dropping the guard) frees its slot.
@@ -39,14 +41,14 @@ impl InflightLimit {
         Self {
             inner: Arc::new(Counter {
                 current: AtomicUsize::new(0),
-                max,
+                max: AtomicUsize::new(max),
             }),
         }
     }
 
     /// Admits one request, or `None` when `max` are already in flight.
     pub fn try_enter(&self) -> Option<InflightGuard> {
-        let max = self.inner.max;
+        let max = self.max();
         self.inner
             .current
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -65,7 +67,13 @@ impl InflightLimit {
 
     /// The cap.
     pub fn max(&self) -> usize {
-        self.inner.max
+        self.inner.max.load(Ordering::Acquire)
+    }
+
+    /// Changes the cap (on reload). Admitted requests keep their slots; past a lowered cap,
+    /// new requests are refused until enough of them have left.
+    pub fn set_max(&self, max: usize) {
+        self.inner.max.store(max, Ordering::Release);
     }
 
     /// The answer to a refused request: 503 `overloaded` with `Retry-After: 1`.
@@ -132,6 +140,22 @@ mod tests {
         assert!(other.try_enter().is_none());
         drop(guard);
         assert_eq!(other.current(), 1);
+    }
+
+    #[test]
+    fn a_new_cap_applies_to_the_next_admissions() {
+        let limit = InflightLimit::new(2);
+        let first = limit.try_enter().expect("room");
+        let second = limit.try_enter().expect("room");
+        limit.set_max(1);
+        assert_eq!(limit.max(), 1);
+        assert!(limit.try_enter().is_none());
+        drop(first);
+        assert!(limit.try_enter().is_none(), "still at the new cap");
+        drop(second);
+        let _third = limit.try_enter().expect("below the new cap");
+        limit.set_max(3);
+        assert!(limit.try_enter().is_some());
     }
 
     #[test]

@@ -7,24 +7,35 @@
 //! serving while it "drained"); every open connection is told to finish: HTTP/1.1 completes
 //! its current response, streams included, then closes; h2 sends GOAWAY and completes its
 //! open streams. After `server.graceful_shutdown_seconds` whatever is left is cut.
+//!
+//! Slow clients cannot hold a connection: a connection that has not started a request within
+//! `server.header_read_timeout_ms` of being accepted is closed (hyper's own header timer only
+//! starts once the HTTP version is known, so a client that sends nothing would otherwise stay
+//! forever), hyper's timer bounds every later request head, and a head larger than
+//! `server.max_header_bytes` gets 431. Changed limits apply to connections accepted after a
+//! reload.
+//!
+//! A second listener on `observability.metrics_bind` serves `/metrics` and the admin API
+//! ([`crate::ops_listener`]); it keeps serving during the drain and closes when it ends.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::app::App;
 use crate::config::{LoadedConfig, ServerSection};
+use crate::ops_listener;
 use crate::proxy::probe;
 use crate::service;
 
@@ -49,10 +60,10 @@ pub enum StartError {
         /// `key`, `organization` or `project`.
         field: &'static str,
     },
-    /// The listen address cannot be bound.
+    /// A listen address cannot be bound.
     #[error("cannot listen on {addr}")]
     Bind {
-        /// `server.bind_addr`.
+        /// `server.bind_addr` or `observability.metrics_bind`.
         addr: SocketAddr,
         /// Why.
         #[source]
@@ -78,31 +89,45 @@ pub enum ServeError {
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
+    ops: TcpListener,
+    ops_addr: SocketAddr,
     app: Arc<App>,
 }
 
 impl Server {
-    /// Builds everything from a loaded config and binds `config.server.bind_addr`. No I/O
-    /// before this (apart from reading `upstream.ca_file`).
+    /// Builds everything from a loaded config and binds `config.server.bind_addr` and
+    /// `config.observability.metrics_bind`. No I/O before this (apart from reading
+    /// `upstream.ca_file`).
     pub async fn bind(loaded: LoadedConfig) -> Result<Server, StartError> {
-        let addr = loaded.config.server.bind_addr;
-        let app = Arc::new(App::new(loaded)?);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        Server::bind_app(App::new(loaded)?).await
+    }
+
+    /// Binds the listeners of `app`'s configuration (an [`App`] built by the caller, for
+    /// example one that can reload: [`App::reloadable`]).
+    pub async fn bind_app(app: App) -> Result<Server, StartError> {
+        let (addr, ops_addr) = {
+            let config = &app.config().config;
+            (config.server.bind_addr, config.observability.metrics_bind)
+        };
+        let (listener, local_addr) = listen(addr).await?;
+        let (ops, ops_addr) = listen(ops_addr).await?;
         Ok(Server {
             listener,
             local_addr,
-            app,
+            ops,
+            ops_addr,
+            app: Arc::new(app),
         })
     }
 
     /// The address actually bound (the port is chosen by the OS for `:0`).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the metrics and admin listener.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.ops_addr
     }
 
     /// The shared state, for tests and the admin API.
@@ -117,10 +142,12 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Server { listener, app, .. } = self;
-        let server = app.config().config.server.clone();
-        let builder = http_builder(&server);
+        let Server {
+            listener, ops, app, ..
+        } = self;
+        let mut limits = Limits::new(&app.config().config.server);
         let probes = tokio::spawn(probe::run(Arc::clone(&app)));
+        let ops = tokio::spawn(ops_listener::run(ops, Arc::clone(&app)));
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -136,15 +163,9 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => {
                         let _ = tcp.set_nodelay(true);
+                        limits.refresh(&app.config.load().config.server);
                         let app = Arc::clone(&app);
-                        let service = service_fn(move |request| {
-                            let app = Arc::clone(&app);
-                            async move { Ok::<_, Infallible>(service::handle(app, request).await) }
-                        });
-                        let connection = builder
-                            .serve_connection(TokioIo::new(tcp), service)
-                            .into_owned();
-                        connections.spawn(graceful.watch(connection));
+                        connections.spawn(serve_connection(tcp, app, &limits, graceful.watcher()));
                     }
                     Err(error) => {
                         tracing::warn!(%error, "accepting a connection failed");
@@ -154,8 +175,8 @@ impl Server {
             }
         }
         drop(listener);
-        app.draining.store(true, Ordering::Release);
-        let grace = server.graceful_shutdown();
+        app.begin_drain();
+        let grace = app.config().config.server.graceful_shutdown();
         tracing::info!(
             connections = connections.len(),
             grace_secs = grace.as_secs(),
@@ -167,6 +188,7 @@ impl Server {
         };
         let drained = tokio::time::timeout(grace, drain).await.is_ok();
         probes.abort();
+        ops.abort();
         if drained {
             return Ok(());
         }
@@ -177,6 +199,88 @@ impl Server {
             grace,
         })
     }
+}
+
+/// The connection builder for the `[server]` limits in force, rebuilt when a reload changes
+/// them.
+struct Limits {
+    server: ServerSection,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Limits {
+    fn new(server: &ServerSection) -> Limits {
+        Limits {
+            server: server.clone(),
+            builder: http_builder(server),
+        }
+    }
+
+    fn refresh(&mut self, server: &ServerSection) {
+        if *server != self.server {
+            *self = Limits::new(server);
+        }
+    }
+}
+
+/// What serving one connection ends with.
+type ConnectionResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Serves one client connection until it ends or the drain closes it. A connection that has
+/// not started a request within `server.header_read_timeout_ms` is closed.
+fn serve_connection(
+    tcp: TcpStream,
+    app: Arc<App>,
+    limits: &Limits,
+    watcher: Watcher,
+) -> impl Future<Output = ConnectionResult> + Send + 'static {
+    let started = Arc::new(AtomicBool::new(false));
+    let service = {
+        let started = Arc::clone(&started);
+        service_fn(move |request| {
+            started.store(true, Ordering::Relaxed);
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(service::handle(app, request).await) }
+        })
+    };
+    let connection = limits
+        .builder
+        .serve_connection(TokioIo::new(tcp), service)
+        .into_owned();
+    let head_timeout = limits.server.header_read_timeout();
+    async move {
+        let connection = watcher.watch(connection);
+        tokio::pin!(connection);
+        tokio::select! {
+            served = &mut connection => return served,
+            () = tokio::time::sleep(head_timeout) => {}
+        }
+        if started.load(Ordering::Relaxed) {
+            connection.await
+        } else {
+            tracing::debug!("closing a connection that sent no request in time");
+            Ok(())
+        }
+    }
+}
+
+async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 /// The HTTP/1.1 + h2 connection builder with the listener's limits.

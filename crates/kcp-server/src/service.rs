@@ -7,6 +7,12 @@
 //! - `GET /ready` (readiness) answers 200 while the proxy can serve ([`App::readiness`]),
 //!   else 503 with the reason, so a load balancer stops sending it traffic;
 //! - anything else is 404 in OpenAI's error shape.
+//!
+//! Before routing, a CORS preflight is answered from `[cors]` ([`crate::cors`]); after it,
+//! every answer (errors included) gets the CORS headers for an allowed `Origin`. A `/v1`
+//! request must carry a client key when `[auth]` lists some ([`crate::auth`]) and is refused
+//! with 503 `overloaded` past `server.max_inflight` ([`crate::overload`]); neither refusal
+//! reaches an upstream.
 
 use std::sync::Arc;
 
@@ -15,14 +21,59 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use kcp_core::StateCounts;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::app::App;
+use crate::auth::ClientAuth;
 use crate::body_limit;
+use crate::cors::Cors;
+use crate::observe::Exchange;
 use crate::openai_error::OpenAiError;
+use crate::overload::InflightLimit;
 use crate::proxy::{self, ProxyBody};
+use crate::reload::Policies;
 
-/// Answers one client request.
-pub async fn handle<B>(app: Arc<App>, request: Request<B>) -> Response<ProxyBody>
+/// Answers one client request, observed from its head to its response's last byte
+/// ([`Exchange`]): its id comes back in `x-kcp-request-id` and tags every log line it causes,
+/// and it ends with an access line and the request metrics.
+pub async fn handle<B>(app: Arc<App>, mut request: Request<B>) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let quiet = is_probe(&request);
+    let exchange = Exchange::begin(&app, &mut request, quiet);
+    let span = exchange.span().clone();
+    let response = answer(app, request).instrument(span).await;
+    exchange.respond(response)
+}
+
+/// Whether `request` is a liveness or readiness probe (not logged or counted).
+fn is_probe<B>(request: &Request<B>) -> bool {
+    matches!(*request.method(), Method::GET | Method::HEAD)
+        && matches!(request.uri().path(), "/health" | "/ready")
+}
+
+/// Answers one client request: a CORS preflight, or the route's answer with CORS headers.
+async fn answer<B>(app: Arc<App>, request: Request<B>) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let policies = app.policies.load_full();
+    if Cors::is_preflight(request.method(), request.headers()) {
+        return policies.cors.preflight(request.headers());
+    }
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let mut response = route(&app, &policies, request).await;
+    policies
+        .cors
+        .decorate(origin.as_ref(), response.headers_mut());
+    response
+}
+
+/// The answer to a request that is not a preflight, before CORS decoration.
+async fn route<B>(app: &App, policies: &Policies, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -30,9 +81,9 @@ where
     let path = request.uri().path();
     let probe = matches!(*request.method(), Method::GET | Method::HEAD);
     match path {
-        "/health" if probe => health(&app),
-        "/ready" if probe => ready(&app),
-        _ if is_api(path) => forward(&app, request).await,
+        "/health" if probe => health(app),
+        "/ready" if probe => ready(app),
+        _ if is_api(path) => forward(app, &policies.auth, request).await,
         _ => OpenAiError::not_found(path).into_response(),
     }
 }
@@ -42,12 +93,18 @@ fn is_api(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/")
 }
 
-async fn forward<B>(app: &App, request: Request<B>) -> Response<ProxyBody>
+async fn forward<B>(app: &App, auth: &ClientAuth, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     let (parts, body) = request.into_parts();
+    if let Err(error) = auth.check(&parts.headers) {
+        return error.into_response();
+    }
+    let Some(admitted) = app.inflight.try_enter() else {
+        return InflightLimit::refusal().into_response();
+    };
     let (limit, idle) = {
         let config = app.config.load();
         let server = &config.config.server;
@@ -62,9 +119,10 @@ where
         Ok(body) => body,
         Err(error) => return error.into_openai().into_response(),
     };
-    let (response, report) = proxy::forward(app, parts, body).await;
+    let (mut response, report) = proxy::forward(app, parts, body).await;
     report.trace();
-    response
+    response.extensions_mut().insert(report);
+    response.map(|body| body.holding(admitted))
 }
 
 #[derive(Serialize)]
@@ -73,7 +131,8 @@ struct Health {
     keys: StateCounts,
 }
 
-fn health(app: &App) -> Response<ProxyBody> {
+/// `GET /health`: 200 with the key counts by state.
+pub(crate) fn health(app: &App) -> Response<ProxyBody> {
     json(
         StatusCode::OK,
         &Health {
@@ -90,7 +149,8 @@ struct Ready {
     reason: Option<&'static str>,
 }
 
-fn ready(app: &App) -> Response<ProxyBody> {
+/// `GET /ready`: 200 while the proxy can serve, else 503 with the reason.
+pub(crate) fn ready(app: &App) -> Response<ProxyBody> {
     match app.readiness() {
         Ok(()) => json(
             StatusCode::OK,

@@ -5,10 +5,15 @@
 //! your configuration" (nginx, HAProxy). [`Signals`] installs all three handlers at once, so
 //! from the moment it exists none of them can kill the process with its default action, and
 //! the serve loop sees a stream of [`Signal`]s instead of three signal kinds.
+//! [`Signals::until_shutdown`] is the server's handling: reload on SIGHUP, return on the
+//! first SIGTERM or SIGINT (the shutdown future given to `Server::run`).
 
 use std::io;
+use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
+
+use crate::app::App;
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,18 @@ impl Signals {
             Some(()) = self.hangup.recv() => Signal::Reload,
             else => Signal::Shutdown,
         }
+    }
+
+    /// Reloads `app`'s configuration on every SIGHUP (a refused reload is logged and the
+    /// running configuration stays) and returns on the first SIGTERM or SIGINT.
+    pub async fn until_shutdown(mut self, app: Arc<App>) {
+        while self.recv().await == Signal::Reload {
+            // Reloading reads files: off the async workers. The outcome is logged, and either
+            // way the proxy keeps serving.
+            let app = Arc::clone(&app);
+            let _ = tokio::task::spawn_blocking(move || app.reload_logged("SIGHUP")).await;
+        }
+        tracing::info!("shutdown requested");
     }
 }
 

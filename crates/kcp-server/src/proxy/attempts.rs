@@ -21,6 +21,12 @@
 //! `rate_limit_exceeded` with `Retry-After`, 503 `no_available_keys`, 502
 //! `upstream_unavailable` or 504 `upstream_timeout`.
 //!
+//! Every attempt is counted in `kcp_upstream_requests_total{key,outcome}`, with its time to the
+//! response head in `kcp_upstream_ttfb_seconds`; an attempt made after a failed one counts in
+//! `kcp_retries_total{reason}` with that failure's reason (key failovers included); the time a
+//! request waited for a key goes to `kcp_queue_wait_seconds` once per request (zero for most),
+//! and every key state change an outcome causes is logged at warn ([`crate::access_log`]).
+//!
 //! Everything happens before the first response byte goes to the client, and the loop is
 //! the request's own future: when the client leaves, hyper drops it, which drops the
 //! in-flight upstream call and the lease (recorded as cancelled). Nothing retries after that.
@@ -50,6 +56,7 @@ use crate::app::App;
 use crate::clock;
 use crate::config::Config;
 use crate::metrics::UpstreamOutcome;
+use crate::observe::Unfinished;
 use crate::openai_error::OpenAiError;
 
 /// Most times one request waits for a cooling key: enough for a throttled group's trial and
@@ -99,11 +106,14 @@ impl Policy {
     }
 }
 
-/// Forwards `request` and returns the answer for the client with a report of what happened.
+/// Forwards `request` and returns the answer for the client with `report` completed. If the
+/// request is abandoned (its future dropped) first, the report so far is left in `unfinished`.
 pub async fn forward(
     app: &App,
     config: &Config,
     request: &Outgoing<'_>,
+    report: Report,
+    unfinished: Option<Unfinished>,
 ) -> (Response<ProxyBody>, Report) {
     let attempts = Attempts {
         app,
@@ -115,7 +125,9 @@ pub async fn forward(
         cooling: None,
         last: None,
         waits: 0,
-        report: Report::default(),
+        retry_reason: None,
+        report,
+        unfinished,
     };
     attempts.run().await
 }
@@ -137,7 +149,19 @@ struct Attempts<'a> {
     /// request has to give up before another attempt.
     last: Option<Failure>,
     waits: u32,
+    /// Why the next upstream attempt is a retry, if it is one (`kcp_retries_total`'s reason).
+    retry_reason: Option<&'static str>,
     report: Report,
+    /// Where the report goes if the request is abandoned before its answer.
+    unfinished: Option<Unfinished>,
+}
+
+impl Drop for Attempts<'_> {
+    fn drop(&mut self) {
+        if let Some(unfinished) = self.unfinished.take() {
+            unfinished.keep(std::mem::take(&mut self.report));
+        }
+    }
 }
 
 /// An upstream-class failure that may become the client's answer.
@@ -180,6 +204,7 @@ impl Attempts<'_> {
                 Step::Next => continue,
                 Step::Retry(delay) => {
                     tokio::time::sleep(delay).await;
+                    self.report.backoff += delay;
                     continue;
                 }
                 Step::Wait(until) => match self.wait(until).await {
@@ -188,7 +213,9 @@ impl Attempts<'_> {
                 },
             };
             self.report.status = answer.status();
-            return (answer, self.report);
+            self.app.metrics.queue_wait(self.report.waited);
+            self.unfinished = None;
+            return (answer, std::mem::take(&mut self.report));
         }
     }
 
@@ -255,6 +282,9 @@ impl Attempts<'_> {
             }
         };
         self.report.attempts += 1;
+        if let Some(reason) = self.retry_reason.take() {
+            self.app.metrics.retry(reason);
+        }
         let started = clock::now();
         let sent = self.app.upstream.send(request).await;
         let now = clock::now();
@@ -263,8 +293,7 @@ impl Attempts<'_> {
         match sent {
             Ok(response) => self.answered(lease, response, ttfb).await,
             Err(error) => {
-                let key = lease.id().clone();
-                note_attempt(&key, classify::failure_label(error.kind()), None);
+                self.note_attempt(lease.id(), classify::failure_label(error.kind()), None);
                 let index = lease.index();
                 let failure = classify::failure_of(error.kind());
                 record(
@@ -287,11 +316,13 @@ impl Attempts<'_> {
         response: Response<ResponseBody>,
         ttfb: Duration,
     ) -> Step {
+        let headed = clock::now();
         let classified = classify::classify(response).await;
+        let now = clock::now();
+        self.report.upstream_time += now.saturating_since(headed);
         let key = lease.id().clone();
         let index = lease.index();
-        note_attempt(&key, classified.label(), Some(ttfb));
-        let now = clock::now();
+        self.note_attempt(&key, classified.label(), Some(ttfb));
         let changes = record(lease, classified.outcome(ttfb), now);
         let retry_after = classified.retry_after();
         let Classified {
@@ -408,6 +439,20 @@ impl Attempts<'_> {
         }
     }
 
+    /// One upstream attempt's result, for metrics; a failure makes the next attempt a retry.
+    fn note_attempt(&mut self, key: &KeyId, outcome: UpstreamOutcome, ttfb: Option<Duration>) {
+        tracing::debug!(
+            key = key.as_str(),
+            outcome = outcome.as_str(),
+            ttfb_ms = ttfb.map(|d| d.as_secs_f64() * 1e3),
+            "upstream attempt"
+        );
+        self.app
+            .metrics
+            .upstream_attempt(key.as_str(), outcome, ttfb);
+        self.retry_reason = outcome.retry_reason();
+    }
+
     /// The upstream answer for the client, hop-by-hop headers removed, body streaming.
     fn pass(
         &mut self,
@@ -469,16 +514,6 @@ fn record(lease: Lease, outcome: Outcome, now: Time) -> Changes {
         log_state_change(key.as_str(), &change, now);
     }
     changes
-}
-
-/// One upstream attempt's result, for metrics.
-fn note_attempt(key: &KeyId, outcome: UpstreamOutcome, ttfb: Option<Duration>) {
-    tracing::debug!(
-        key = key.as_str(),
-        outcome = outcome.as_str(),
-        ttfb_ms = ttfb.map(|d| d.as_secs_f64() * 1e3),
-        "upstream attempt"
-    );
 }
 
 /// Plain words for a failed exchange, for the client (no host, no path).

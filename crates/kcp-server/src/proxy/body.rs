@@ -6,6 +6,14 @@
 //! the upstream fails mid-stream, the error is passed on, and hyper aborts the client's
 //! response (HTTP/1.1: the connection closes before the final chunk; h2: `RST_STREAM`), so
 //! the client sees an error and never a clean but truncated end.
+//!
+//! A body may carry the request's [`Exchange`] ([`ProxyBody::observed`]): it counts the bytes
+//! handed to the connection and is ended, for the access line and the request metrics, when the
+//! last frame goes out, the upstream fails, or the body is dropped early (the client left). The
+//! count is one addition per frame; nothing is allocated.
+//!
+//! A body may also hold its request's `server.max_inflight` slot ([`ProxyBody::holding`]), so
+//! a stream counts as in flight until its last byte is sent or its client leaves.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,10 +25,18 @@ use http_body_util::Full;
 use kcp_core::KeyId;
 use kcp_upstream::{ResponseBody, UpstreamError};
 
+use crate::access_log::BodyEnd;
+use crate::observe::Exchange;
+use crate::overload::InflightGuard;
+
 /// A response body: proxy-made bytes or an upstream stream.
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
+    /// The request this body answers, ended with the body.
+    exchange: Option<Box<Exchange>>,
+    /// The request's `max_inflight` slot, freed when the body is dropped.
+    admitted: Option<InflightGuard>,
 }
 
 #[derive(Debug)]
@@ -34,7 +50,40 @@ impl ProxyBody {
     pub fn upstream(body: ResponseBody, key: KeyId) -> Self {
         ProxyBody {
             kind: Kind::Upstream { body, key },
+            exchange: None,
+            admitted: None,
         }
+    }
+
+    /// This body, ending `exchange` when it ends.
+    pub fn observed(mut self, exchange: Box<Exchange>) -> Self {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    /// This body, holding the request's `max_inflight` slot until it is dropped.
+    pub fn holding(mut self, admitted: InflightGuard) -> Self {
+        self.admitted = Some(admitted);
+        self
+    }
+
+    fn end(&mut self, end: BodyEnd) {
+        if let Some(exchange) = self.exchange.take() {
+            exchange.end(end);
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    /// hyper drops a body it knows to be empty or finished without polling it to the end, and
+    /// one whose client went away.
+    fn drop(&mut self) {
+        let end = if self.is_end_stream() {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Cancelled
+        };
+        self.end(end);
     }
 }
 
@@ -42,6 +91,8 @@ impl From<Full<Bytes>> for ProxyBody {
     fn from(full: Full<Bytes>) -> Self {
         ProxyBody {
             kind: Kind::Full(full),
+            exchange: None,
+            admitted: None,
         }
     }
 }
@@ -60,13 +111,15 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
             Kind::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(|never: Infallible| match never {}))),
             Kind::Upstream { body, key } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(Some(Err(error))) = &polled {
+                    let _request = this.exchange.as_ref().map(|e| e.span().enter());
                     tracing::warn!(
                         key = key.as_str(),
                         error = %error,
@@ -76,7 +129,23 @@ impl Body for ProxyBody {
                 }
                 polled
             }
+        };
+        if this.exchange.is_some() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(exchange), Some(data)) = (&mut this.exchange, frame.data_ref()) {
+                        exchange.sent(data.len());
+                    }
+                    if this.is_end_stream() {
+                        this.end(BodyEnd::Complete);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => this.end(BodyEnd::Failed),
+                Poll::Ready(None) => this.end(BodyEnd::Complete),
+                Poll::Pending => {}
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

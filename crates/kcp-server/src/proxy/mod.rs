@@ -31,6 +31,7 @@ pub use model::ModelName;
 pub use report::Report;
 
 use crate::app::App;
+use crate::observe::Unfinished;
 
 /// Forwards one `/v1/*` request whose body was read into `body`.
 pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBody>, Report) {
@@ -63,7 +64,10 @@ pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBod
         tokens,
         stateful,
     };
-    let (response, mut report) = attempts::forward(app, &config.config, &request).await;
-    report.model = model;
-    (response, report)
+    let report = Report {
+        model: model.clone(),
+        ..Report::default()
+    };
+    let unfinished = parts.extensions.get::<Unfinished>().cloned();
+    attempts::forward(app, &config.config, &request, report, unfinished).await
 }

@@ -1,4 +1,7 @@
 //! What the attempt loop did for one request, for the access log and metrics in one place.
+//!
+//! The service puts the report in the response's extensions, where [`crate::observe`] takes it
+//! to write the access line and the request metrics once the body is done.
 
 use std::time::Duration;
 
@@ -20,10 +23,13 @@ pub struct Report {
     pub attempts: u32,
     /// Time to the passed-through answer's response headers.
     pub upstream_ttfb: Option<Duration>,
-    /// Time spent waiting on the upstream over all attempts (the rest is proxy overhead).
+    /// Time spent waiting on the upstream over all attempts, to each answer's head (and a 429's
+    /// small body).
     pub upstream_time: Duration,
     /// Time spent waiting for a cooling key.
     pub waited: Duration,
+    /// Time spent in backoff before retrying an upstream failure.
+    pub backoff: Duration,
     /// Response body length when known in advance (proxy answers, `Content-Length`).
     pub bytes_out: Option<u64>,
     /// OpenAI `error.code` when the proxy answered itself (`rate_limit_exceeded`, ...).
@@ -44,6 +50,7 @@ impl Default for Report {
             upstream_ttfb: None,
             upstream_time: Duration::ZERO,
             waited: Duration::ZERO,
+            backoff: Duration::ZERO,
             bytes_out: None,
             proxy_error: None,
             retries: 0,
@@ -53,6 +60,12 @@ impl Default for Report {
 }
 
 impl Report {
+    /// Time the request spent, by design, away from the proxy's own work before its answer's
+    /// head: on the upstream, waiting for a key, and in retry backoff.
+    pub fn elsewhere(&self) -> Duration {
+        self.upstream_time + self.waited + self.backoff
+    }
+
     /// A debug line with every field; the access log proper is written by the service.
     pub fn trace(&self) {
         tracing::debug!(
@@ -62,6 +75,7 @@ impl Report {
             upstream_ttfb_ms = self.upstream_ttfb.map(|d| d.as_secs_f64() * 1e3),
             upstream_ms = self.upstream_time.as_secs_f64() * 1e3,
             waited_ms = self.waited.as_secs_f64() * 1e3,
+            backoff_ms = self.backoff.as_secs_f64() * 1e3,
             bytes_out = self.bytes_out,
             proxy_error = self.proxy_error,
             retries = self.retries,

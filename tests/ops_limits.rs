@@ -1,0 +1,323 @@
+//! End-to-end: limits and bad input. Oversized bodies (413) and heads (431), clients that
+//! stall while sending a body (408) or a head (connection closed), and a corpus of odd bodies
+//! against a model-routed pool. None of them reaches the upstream unless it is a request the
+//! upstream should judge, and none of them stops the proxy from serving the next one.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use support::proxy_harness::{Proxy, WAIT, start_proxy};
+use support::{Behaviour, MockUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY_A: &str = "sk-test-alpha-000000000001";
+const KEY_B: &str = "sk-test-beta-0000000000002";
+
+/// The short client timeouts of these tests.
+const SLOW_CLIENT_MS: u64 = 200;
+
+/// What a raw client read before the server closed the connection (or sent a whole response).
+struct RawReply {
+    bytes: Vec<u8>,
+    /// How long after the last byte written the read ended.
+    waited: Duration,
+}
+
+impl RawReply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    fn status(&self) -> Option<u16> {
+        let text = self.text();
+        let line = text.lines().next()?;
+        line.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    fn body_json(&self) -> serde_json::Value {
+        let text = self.text();
+        let (_, body) = text.split_once("\r\n\r\n").expect("a response head");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("JSON body ({e}): {body}"))
+    }
+}
+
+/// Writes `bytes` on a fresh connection to `addr`, keeps the connection open without writing
+/// more, and reads until the server closes it (bounded by [`WAIT`]).
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawReply {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(bytes).await.expect("write");
+    let written = Instant::now();
+    let mut read = Vec::new();
+    let outcome = tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "the server kept the connection open");
+    RawReply {
+        bytes: read,
+        waited: written.elapsed(),
+    }
+}
+
+async fn routed_pool(
+    mock: &MockUpstream,
+    tweak: impl FnOnce(&mut key_cycle_proxy::server::config::Config),
+) -> Proxy {
+    start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["gpt-4o"]),
+            (KEY_B, mock.url(), vec!["whisper-1", "gpt-4o-mini"]),
+        ],
+        tweak,
+    )
+    .await
+}
+
+fn assert_openai_error(json: &serde_json::Value, code: &str) {
+    assert_eq!(json["error"]["code"], code, "{json}");
+    assert!(json["error"]["message"].is_string(), "{json}");
+    assert!(json["error"]["type"].is_string(), "{json}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_whether_declared_or_chunked() {
+    let mock = MockUpstream::start().await;
+    let proxy = routed_pool(&mock, |config| {
+        config.server.request_body_limit_bytes = 1024;
+    })
+    .await;
+    let big = format!(r#"{{"model":"gpt-4o","x":"{}"}}"#, "a".repeat(2048));
+    let declared = proxy.post("/v1/chat/completions", &big).await;
+    assert_eq!(declared.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_openai_error(&declared.json(), "request_too_large");
+
+    let chunked = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: kcp\r\ncontent-type: application/json\r\n\
+         connection: close\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len()
+    );
+    let reply = raw_exchange(proxy.addr, chunked.as_bytes()).await;
+    assert_eq!(reply.status(), Some(413), "{}", reply.text());
+    assert_openai_error(&reply.body_json(), "request_too_large");
+
+    let at_limit = format!(r#"{{"model":"gpt-4o","x":"{}"}}"#, "a".repeat(900));
+    assert!(at_limit.len() <= 1024);
+    assert_eq!(
+        proxy.post("/v1/chat/completions", &at_limit).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        mock.calls().len(),
+        1,
+        "only the body within the limit went up"
+    );
+}
+
+#[tokio::test]
+async fn a_head_over_max_header_bytes_is_431() {
+    let mock = MockUpstream::start().await;
+    let proxy = routed_pool(&mock, |config| {
+        config.server.max_header_bytes = 16_384;
+    })
+    .await;
+    let head = |filler: usize| {
+        format!(
+            "GET /v1/models HTTP/1.1\r\nhost: kcp\r\nx-filler: {}\r\n\r\n",
+            "f".repeat(filler)
+        )
+    };
+    let reply = raw_exchange(proxy.addr, head(20_000).as_bytes()).await;
+    assert_eq!(reply.status(), Some(431), "{}", reply.text());
+    assert_eq!(mock.calls().len(), 0);
+
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let request = format!("GET /v1/models HTTP/1.1\r\nhost: kcp\r\n{many}\r\n");
+    let reply = raw_exchange(proxy.addr, request.as_bytes()).await;
+    assert_eq!(
+        reply.status(),
+        Some(431),
+        "too many headers: {}",
+        reply.text()
+    );
+    assert_eq!(mock.calls().len(), 0);
+
+    let within = proxy
+        .call(proxy.request(
+            Method::GET,
+            "/v1/models",
+            &[("x-filler", &"f".repeat(12_000))],
+            Vec::new(),
+        ))
+        .await;
+    assert_eq!(
+        within.status,
+        StatusCode::OK,
+        "a 12 kB head is within 16 kB"
+    );
+    assert_eq!(mock.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_stalling_mid_body_gets_408() {
+    let mock = MockUpstream::start().await;
+    let proxy = routed_pool(&mock, |config| {
+        config.server.body_read_timeout_ms = SLOW_CLIENT_MS;
+    })
+    .await;
+    let request = "POST /v1/chat/completions HTTP/1.1\r\nhost: kcp\r\n\
+                   content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":";
+    let reply = raw_exchange(proxy.addr, request.as_bytes()).await;
+    assert_eq!(reply.status(), Some(408), "{}", reply.text());
+    assert_openai_error(&reply.body_json(), "request_timeout");
+    assert!(
+        reply.waited >= Duration::from_millis(SLOW_CLIENT_MS),
+        "answered after {:?}, before the idle timeout",
+        reply.waited
+    );
+    assert_eq!(mock.calls().len(), 0);
+}
+
+#[tokio::test]
+async fn a_client_stalling_in_the_head_is_disconnected() {
+    let mock = MockUpstream::start().await;
+    let proxy = routed_pool(&mock, |config| {
+        config.server.header_read_timeout_ms = SLOW_CLIENT_MS;
+    })
+    .await;
+    let stalls: [&[u8]; 4] = [
+        b"GET /v1/mod",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: kcp\r\ncontent-le",
+        b"PRI * HTTP/2",
+        b"",
+    ];
+    for stall in stalls {
+        let reply = raw_exchange(proxy.addr, stall).await;
+        let shown = String::from_utf8_lossy(stall);
+        assert!(
+            reply.waited >= Duration::from_millis(SLOW_CLIENT_MS),
+            "{shown:?}: closed after {:?}, before the header timeout",
+            reply.waited
+        );
+        assert!(
+            reply.status().is_none_or(|s| s == 408),
+            "{shown:?}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(mock.calls().len(), 0);
+    assert_eq!(proxy.get("/health").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_slow_but_steady_request_is_served() {
+    let mock = MockUpstream::start().await;
+    let proxy = routed_pool(&mock, |config| {
+        config.server.header_read_timeout_ms = 2_000;
+    })
+    .await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+    let request = b"GET /v1/models HTTP/1.1\r\nhost: kcp\r\nconnection: close\r\n\r\n";
+    for part in request.chunks(16) {
+        tcp.write_all(part).await.expect("write");
+        tokio::task::yield_now().await;
+    }
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(
+        response.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+}
+
+/// Bodies the proxy cannot read a model from: each is forwarded once (to any key) for the
+/// upstream to judge, or answered by the proxy in OpenAI's shape; the proxy keeps serving.
+/// Complements `odd_bodies_are_forwarded_for_the_upstream_to_judge` (one unrouted key).
+#[tokio::test]
+async fn odd_bodies_against_a_routed_pool_never_break_the_proxy() {
+    let mock = MockUpstream::start().await;
+    mock.set_default(Behaviour::status(400));
+    let proxy = routed_pool(&mock, |_| {}).await;
+    let deep = format!(
+        "{{\"model\":{}1{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let long_form_model = "w".repeat(10_000);
+    let json = "application/json";
+    let multipart = "multipart/form-data; boundary=XyZ";
+    let corpus: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("empty", json, Vec::new()),
+        ("whitespace", json, b" \r\n\t ".to_vec()),
+        ("array", json, br#"[{"model":"gpt-4o"}]"#.to_vec()),
+        ("model is an object", json, br#"{"model":{"name":"gpt-4o"}}"#.to_vec()),
+        ("model is an array", json, br#"{"model":["gpt-4o"]}"#.to_vec()),
+        ("model is true", json, br#"{"model":true}"#.to_vec()),
+        ("huge number", json, format!(r#"{{"model":1{}}}"#, "0".repeat(5_000)).into_bytes()),
+        ("lone surrogate", json, br#"{"model":"gpt-\ud800"}"#.to_vec()),
+        ("bad escape", json, br#"{"model":"gpt-\x"}"#.to_vec()),
+        ("byte order mark", json, b"\xef\xbb\xbf{\"model\":\"gpt-4o\"}".to_vec()),
+        ("duplicate model", json, br#"{"model":"gpt-4o","model":"whisper-1"}"#.to_vec()),
+        ("nested 100k deep", json, deep.into_bytes()),
+        ("no content type", "", br#"{"model":"gpt-4o""#.to_vec()),
+        ("multipart, no boundary", "multipart/form-data", b"--XyZ\r\n".to_vec()),
+        ("multipart, garbage", multipart, b"\x00\xff--XyZ--garbage".to_vec()),
+        (
+            "multipart, 10 kB model",
+            multipart,
+            format!(
+                "--XyZ\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\n{long_form_model}\r\n--XyZ--\r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "multipart, unterminated",
+            multipart,
+            b"--XyZ\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper-1".to_vec(),
+        ),
+    ];
+    for (name, content_type, body) in &corpus {
+        let before = mock.calls().len();
+        let headers: Vec<(&str, &str)> = if content_type.is_empty() {
+            Vec::new()
+        } else {
+            vec![("content-type", content_type)]
+        };
+        let reply = proxy
+            .call(proxy.request(Method::POST, "/v1/chat/completions", &headers, body.clone()))
+            .await;
+        let calls = mock.calls().len() - before;
+        match calls {
+            1 => assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{name}: upstream's answer"
+            ),
+            0 => {
+                assert!(reply.status.is_client_error(), "{name}: {}", reply.status);
+                assert!(
+                    reply.json()["error"]["code"].is_string(),
+                    "{name}: {}",
+                    reply.text()
+                );
+            }
+            n => panic!("{name}: {n} upstream calls for one request"),
+        }
+        assert!(reply.body.len() < 2_000, "{name}: the answer stays short");
+    }
+    assert_eq!(proxy.get("/health").await.status, StatusCode::OK);
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::BAD_REQUEST);
+}
