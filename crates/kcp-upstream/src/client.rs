@@ -67,6 +67,13 @@ impl Upstream {
         request: Request<Full<Bytes>>,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let origin = Origin::of(request.uri());
+        if request
+            .uri()
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+        {
+            return Err(UpstreamError::credentials(origin));
+        }
         let timeout = self.inner.request_timeout;
         let response = match tokio::time::timeout(timeout, self.inner.client.request(request)).await
         {

@@ -92,6 +92,8 @@ enum Repr {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("refusing to contact upstream {origin}: its URL carries credentials")]
+    Credentials { origin: Origin },
     #[error("upstream {origin} sent no response headers within {timeout:?}")]
     HeadersTimeout { origin: Origin, timeout: Duration },
     #[error("response body from upstream {origin} stalled for more than {timeout:?}")]
@@ -114,7 +116,7 @@ impl UpstreamError {
     /// Where the exchange failed.
     pub fn kind(&self) -> ErrorKind {
         match *self.0 {
-            Repr::Connect { .. } => ErrorKind::Connect,
+            Repr::Connect { .. } | Repr::Credentials { .. } => ErrorKind::Connect,
             Repr::Tls { .. } => ErrorKind::Tls,
             Repr::HeadersTimeout { .. } => ErrorKind::HeadersTimeout,
             Repr::BodyIdleTimeout { .. } => ErrorKind::BodyIdleTimeout,
@@ -139,6 +141,12 @@ impl UpstreamError {
             Repr::Connect { origin, source }
         };
         Self(Box::new(repr))
+    }
+
+    /// A URL with `user:password@` is refused before anything (a log line of the HTTP
+    /// stack included) can see it: secrets travel in headers, never in URLs.
+    pub(crate) fn credentials(origin: Origin) -> Self {
+        Self(Box::new(Repr::Credentials { origin }))
     }
 
     pub(crate) fn headers_timeout(origin: Origin, timeout: Duration) -> Self {

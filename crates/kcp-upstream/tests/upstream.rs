@@ -248,6 +248,20 @@ async fn refused_connection_is_a_connect_error() {
 }
 
 #[tokio::test]
+async fn url_with_credentials_is_refused_before_any_connection() {
+    let (addr, _server) = hanging_server().await;
+    let client = upstream(config());
+    let error = send_err(
+        &client,
+        request(&format!("http://user:sk-secret-in-url@{addr}/v1/models")),
+    )
+    .await;
+    assert_eq!(error.kind(), ErrorKind::Connect, "{error:?}");
+    assert!(!error.may_have_reached_upstream());
+    assert!(!format!("{error} {error:?}").contains("sk-secret-in-url"));
+}
+
+#[tokio::test]
 async fn stalled_tls_handshake_is_a_connect_error() {
     let (addr, _server) = raw_server(|mut tcp| async move {
         // Accept TCP, then never answer the ClientHello.
