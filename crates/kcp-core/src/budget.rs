@@ -1,10 +1,19 @@
 //! A key's budget as the provider reports it, and the pace that keeps it clear of 429s.
 //!
 //! OpenAI answers every request with `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
-//! Each [`Gauge`] keeps the last report of one budget and models it as the provider does: a
-//! bucket of `limit` per minute refilling continuously. From that it computes the earliest
-//! instant at which the budget covers what is already in flight plus the new request; a key
-//! whose budget is spent is held back until then instead of being sent into a 429.
+//! Each [`Gauge`] keeps the newest report of one budget and models it as the provider does: a
+//! bucket refilling continuously at `limit` per minute, full again `reset` after the report,
+//! so it holds at most `remaining + reset × limit / 60` (the whole `limit` for OpenAI's
+//! minute buckets, a few seconds' worth for providers that enforce shorter windows).
+//!
+//! A provider decides, and writes these headers, when it admits a request, not when the
+//! answer arrives: a report is therefore dated at the reporting request's send time, and it
+//! already accounts for every request sent before it. What it cannot know is what was sent
+//! after it, so those requests, while still in flight, count against the budget until a newer
+//! report covers them. Reports are ordered by a send sequence (the units spent up to the
+//! reporting request), and an older report arriving late is ignored. From that the gauge
+//! computes the earliest instant at which the budget covers a new request; a key whose budget
+//! is spent is held back until then instead of being sent into a 429.
 //!
 //! On top, each key is paced (see [`Pace`]) at its learned rate with a one-second burst,
 //! because providers enforce per-minute limits over much shorter windows. The pace adapts
@@ -14,19 +23,32 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::time::{Time, nanos};
+use crate::time::Time;
 
 const UNKNOWN: u64 = u64::MAX;
 const MINUTE: Duration = Duration::from_secs(60);
+/// How finely providers print `x-ratelimit-reset-*` (OpenAI: `"59.6ms"`, `"1.2s"`, `"6m0s"`).
+pub const RESET_PRECISION: Duration = Duration::from_millis(1);
 
-/// The last report of one budget (requests or tokens), in atomics so selection can read it
-/// without a lock.
+/// The newest report of one budget (requests or tokens) and the units spent since, in
+/// atomics so selection can read it without a lock. Reports are written under the key's
+/// lock; readers may see a report half-written, which only blurs one estimate.
 #[derive(Debug)]
 pub struct Gauge {
     limit: AtomicU64,
+    /// The level at the newest report (f64 bits).
     remaining: AtomicU64,
+    /// Level at which the bucket is full: the largest `remaining + reset × rate` reported
+    /// since the limit last changed (f64 bits).
+    full: AtomicU64,
     observed: AtomicU64,
     reset_at: AtomicU64,
+    /// Units spent up to and including the request whose answer made the newest report.
+    covered: AtomicU64,
+    /// Units spent on this key so far.
+    sent: AtomicU64,
+    /// Units of requests sent and not answered yet.
+    pending: AtomicU64,
 }
 
 impl Gauge {
@@ -35,22 +57,83 @@ impl Gauge {
         Gauge {
             limit: AtomicU64::new(limit.filter(|&l| l > 0).unwrap_or(UNKNOWN)),
             remaining: AtomicU64::new(UNKNOWN),
+            full: AtomicU64::new(0),
             observed: AtomicU64::new(0),
             reset_at: AtomicU64::new(0),
+            covered: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
         }
     }
 
-    /// Takes a report: any of limit, remaining and time-to-reset, observed at `now`.
-    pub fn report(&self, limit: Option<u64>, remaining: Option<u64>, reset: Option<Duration>, now: Time) {
+    /// A request needing `units` is sent: returns its mark in the send sequence, to be
+    /// passed back with the report its answer brings ([`Gauge::report`]).
+    pub fn spend(&self, units: u64) -> u64 {
+        self.pending.fetch_add(units, Ordering::AcqRel);
+        self.sent
+            .fetch_add(units, Ordering::AcqRel)
+            .saturating_add(units)
+    }
+
+    /// The request that spent `units` was answered (or abandoned).
+    pub fn settle(&self, units: u64) {
+        // The closure never returns None, so the update cannot fail.
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(units))
+            });
+    }
+
+    /// Takes a report (any of limit, remaining and time-to-reset) made by the provider at
+    /// `at`, when it admitted the request whose mark is `mark`. A report older than the one
+    /// held only contributes its limit.
+    ///
+    /// Providers round `remaining` down to a whole unit, which hides up to one request; the
+    /// reset does not: once the size of the full bucket is known (the largest
+    /// `remaining + reset × rate` seen), the level is `full − reset × rate`. As the reset is
+    /// printed to [`RESET_PRECISION`] and may be cut short, the level is taken that much
+    /// lower, and never a whole unit above `remaining`.
+    pub fn report(
+        &self,
+        limit: Option<u64>,
+        remaining: Option<u64>,
+        reset: Option<Duration>,
+        at: Time,
+        mark: u64,
+    ) {
         if let Some(limit) = limit.filter(|&l| l > 0) {
-            self.limit.store(limit, Ordering::Relaxed);
+            if self.limit.swap(limit, Ordering::Relaxed) != limit {
+                self.full.store(0, Ordering::Relaxed);
+            }
         }
-        if let Some(remaining) = remaining {
-            self.remaining.store(remaining.min(UNKNOWN - 1), Ordering::Relaxed);
-            self.observed.store(now.as_nanos(), Ordering::Relaxed);
-            let reset_at = reset.map_or(0, |r| (now + r).as_nanos());
-            self.reset_at.store(reset_at, Ordering::Relaxed);
+        let Some(remaining) = remaining else {
+            return;
+        };
+        let held = self.remaining.load(Ordering::Relaxed) != UNKNOWN;
+        if held && mark < self.covered.load(Ordering::Relaxed) {
+            return;
         }
+        let mut level = remaining.min(UNKNOWN - 1) as f64;
+        let full = match (self.limit(), reset) {
+            (Some(limit), Some(reset)) => {
+                let refill = reset.as_secs_f64() * per_sec(limit);
+                let full = (level + refill)
+                    .max(f64::from_bits(self.full.load(Ordering::Relaxed)))
+                    .min(limit as f64);
+                let slack = RESET_PRECISION.as_secs_f64() * per_sec(limit);
+                level = level.max((full - refill - slack).min(level + 1.0 - f64::EPSILON));
+                full
+            }
+            (Some(limit), None) => limit as f64,
+            (None, _) => f64::INFINITY,
+        };
+        self.remaining.store(level.to_bits(), Ordering::Relaxed);
+        self.full.store(full.to_bits(), Ordering::Relaxed);
+        self.observed.store(at.as_nanos(), Ordering::Relaxed);
+        self.covered.store(mark, Ordering::Relaxed);
+        let reset_at = reset.map_or(0, |r| (at + r).as_nanos());
+        self.reset_at.store(reset_at, Ordering::Relaxed);
     }
 
     /// The per-minute limit, configured or learned.
@@ -58,20 +141,26 @@ impl Gauge {
         known(self.limit.load(Ordering::Relaxed))
     }
 
-    /// The budget estimated at `now`: the last report plus what refilled since.
+    /// Units sent after the newest report and still unanswered: the report could not count
+    /// them, the provider already has.
+    pub fn reserved(&self) -> u64 {
+        let since = self
+            .sent
+            .load(Ordering::Acquire)
+            .saturating_sub(self.covered.load(Ordering::Relaxed));
+        since.min(self.pending.load(Ordering::Acquire))
+    }
+
+    /// The budget estimated at `now`: the newest report, plus what refilled since, minus what
+    /// was sent since.
     pub fn remaining(&self, now: Time) -> Option<u64> {
-        let remaining = known(self.remaining.load(Ordering::Relaxed))?;
-        let observed = Time::from_nanos(self.observed.load(Ordering::Relaxed));
-        Some(match self.limit() {
-            Some(limit) => {
-                let refilled = now.saturating_since(observed).as_secs_f64() / MINUTE.as_secs_f64() * limit as f64;
-                (remaining as f64 + refilled).min(limit as f64) as u64
-            }
-            None if now.as_nanos() >= self.reset_at.load(Ordering::Relaxed) && self.reset_at.load(Ordering::Relaxed) != 0 => {
-                UNKNOWN - 1
-            }
+        let remaining = self.reported()?;
+        let level = match self.limit() {
+            Some(limit) => self.level(remaining, limit, now),
+            None if self.reset_passed(now) => return Some(UNKNOWN - 1),
             None => remaining,
-        })
+        };
+        Some((level - self.reserved() as f64).max(0.0) as u64)
     }
 
     /// When the reported budget is back to full, if the report said.
@@ -82,28 +171,56 @@ impl Gauge {
         }
     }
 
-    /// The earliest instant from `now` at which the budget covers `reserved` (already in
-    /// flight) plus `need`. A need larger than the whole limit waits for a full bucket, never
-    /// forever.
-    pub fn free_at(&self, now: Time, reserved: u64, need: u64) -> Time {
-        let Some(remaining) = known(self.remaining.load(Ordering::Relaxed)) else {
+    /// The earliest instant from `now` at which the budget covers what was sent since the
+    /// newest report plus `need`. A need larger than the whole bucket waits for a full
+    /// bucket, never forever.
+    pub fn free_at(&self, now: Time, need: u64) -> Time {
+        let Some(remaining) = self.reported() else {
             return now;
         };
+        let reserved = self.reserved();
+        let Some(limit) = self.limit() else {
+            return if reserved.saturating_add(need) as f64 <= remaining || self.reset_passed(now) {
+                now
+            } else {
+                self.reset_at().unwrap_or(now).max(now)
+            };
+        };
+        let full = f64::from_bits(self.full.load(Ordering::Relaxed));
+        let target = reserved as f64 + (need as f64).min(full);
+        let level = self.level(remaining, limit, now);
+        if level >= target {
+            return now;
+        }
+        let wait = (target - level) / per_sec(limit);
+        now + Duration::from_secs_f64(wait.min(MINUTE.as_secs_f64()))
+    }
+
+    /// The provider's level at `now` as the newest report predicts it, before what was
+    /// sent since.
+    fn level(&self, remaining: f64, limit: u64, now: Time) -> f64 {
         let observed = Time::from_nanos(self.observed.load(Ordering::Relaxed));
-        match self.limit() {
-            Some(limit) => {
-                let target = reserved.saturating_add(need).min(limit);
-                if target <= remaining {
-                    return now;
-                }
-                let per_unit = nanos(MINUTE) as f64 / limit as f64;
-                let at = observed + Duration::from_nanos(((target - remaining) as f64 * per_unit) as u64);
-                at.max(now)
-            }
-            None if reserved.saturating_add(need) <= remaining => now,
-            None => self.reset_at().unwrap_or(now).max(now),
+        let full = f64::from_bits(self.full.load(Ordering::Relaxed));
+        let refilled = now.saturating_since(observed).as_secs_f64() * per_sec(limit);
+        (remaining + refilled).min(full)
+    }
+
+    /// The level at the newest report, if there is one.
+    fn reported(&self) -> Option<f64> {
+        match self.remaining.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            bits => Some(f64::from_bits(bits)),
         }
     }
+
+    fn reset_passed(&self, now: Time) -> bool {
+        let at = self.reset_at.load(Ordering::Relaxed);
+        at != 0 && now.as_nanos() >= at
+    }
+}
+
+fn per_sec(per_minute: u64) -> f64 {
+    per_minute as f64 / MINUTE.as_secs_f64()
 }
 
 fn known(value: u64) -> Option<u64> {
@@ -155,8 +272,13 @@ impl Pace {
 
 /// Estimated tokens of a request: prompt bytes / 4 plus the completion budget
 /// (`max_tokens` / `max_completion_tokens`, else `default_completion`).
-pub fn estimate_tokens(prompt_bytes: usize, max_completion: Option<u64>, default_completion: u32) -> u64 {
-    (prompt_bytes as u64 / 4).saturating_add(max_completion.unwrap_or(u64::from(default_completion)))
+pub fn estimate_tokens(
+    prompt_bytes: usize,
+    max_completion: Option<u64>,
+    default_completion: u32,
+) -> u64 {
+    (prompt_bytes as u64 / 4)
+        .saturating_add(max_completion.unwrap_or(u64::from(default_completion)))
 }
 
 #[cfg(test)]
@@ -166,7 +288,8 @@ mod tests {
     #[test]
     fn unknown_budget_is_free() {
         let g = Gauge::new(None);
-        assert_eq!(g.free_at(Time::from_secs(5), 100, 1), Time::from_secs(5));
+        g.spend(100);
+        assert_eq!(g.free_at(Time::from_secs(5), 1), Time::from_secs(5));
         assert_eq!(g.remaining(Time::ZERO), None);
     }
 
@@ -174,37 +297,97 @@ mod tests {
     fn spent_budget_frees_as_it_refills() {
         let g = Gauge::new(None);
         let t0 = Time::from_secs(100);
-        g.report(Some(60), Some(0), Some(Duration::from_secs(1)), t0);
+        let mark = g.spend(1);
+        g.settle(1);
+        g.report(Some(60), Some(0), Some(Duration::from_secs(60)), t0, mark);
         // 60 per minute refills one per second.
-        assert_eq!(g.free_at(t0, 0, 1), t0 + Duration::from_secs(1));
-        assert_eq!(g.free_at(t0, 2, 1), t0 + Duration::from_secs(3));
+        assert_eq!(g.free_at(t0, 1), t0 + Duration::from_secs(1));
+        assert_eq!(g.free_at(t0, 3), t0 + Duration::from_secs(3));
         assert_eq!(g.remaining(t0 + Duration::from_secs(30)), Some(30));
         assert_eq!(g.remaining(t0 + Duration::from_secs(600)), Some(60));
     }
 
     #[test]
-    fn in_flight_counts_against_remaining() {
+    fn requests_sent_after_the_report_count_against_it_until_answered() {
         let g = Gauge::new(Some(600));
         let t0 = Time::from_secs(1);
-        g.report(None, Some(3), None, t0);
-        assert_eq!(g.free_at(t0, 2, 1), t0);
-        assert!(g.free_at(t0, 3, 1) > t0);
+        let first = g.spend(1);
+        // Two more leave before the first answer comes back.
+        g.spend(1);
+        g.spend(1);
+        g.settle(1);
+        g.report(None, Some(3), None, t0, first);
+        assert_eq!(g.reserved(), 2);
+        assert_eq!(g.free_at(t0, 1), t0);
+        assert!(g.free_at(t0, 2) > t0);
+        // One of them ends without a report (cancelled): it no longer counts.
+        g.settle(1);
+        assert_eq!(g.reserved(), 1);
+        assert_eq!(g.free_at(t0, 2), t0);
+    }
+
+    #[test]
+    fn a_report_is_dated_at_admission_and_an_older_one_is_ignored() {
+        let g = Gauge::new(None);
+        let sent = Time::from_secs(10);
+        let first = g.spend(1);
+        let second = g.spend(1);
+        g.settle(1);
+        g.report(
+            Some(60),
+            Some(0),
+            Some(Duration::from_secs(2)),
+            sent,
+            second,
+        );
+        // Answered 500 ms after it was sent: the refill since admission counts.
+        let answered = sent + Duration::from_millis(500);
+        assert_eq!(g.free_at(answered, 1), sent + Duration::from_secs(1));
+        // The first request's answer arrives late, with a stale figure: ignored.
+        g.settle(1);
+        g.report(Some(60), Some(5), None, sent, first);
+        assert_eq!(g.remaining(answered), Some(0));
+    }
+
+    #[test]
+    fn the_reset_tells_how_full_the_bucket_gets() {
+        // A provider enforcing 240 per minute over a 3 s window: 12 requests at most.
+        let g = Gauge::new(None);
+        let t0 = Time::ZERO;
+        let mark = g.spend(1);
+        g.settle(1);
+        g.report(
+            Some(240),
+            Some(11),
+            Some(Duration::from_millis(250)),
+            t0,
+            mark,
+        );
+        assert_eq!(g.remaining(Time::from_secs(60)), Some(12));
+        // A burst of 12 unanswered requests empties it whatever the idle time before.
+        let later = Time::from_secs(60);
+        for _ in 0..12 {
+            g.spend(1);
+        }
+        assert_eq!(g.remaining(later), Some(0));
+        assert_eq!(g.free_at(later, 1), later + Duration::from_millis(250));
     }
 
     #[test]
     fn oversized_need_waits_for_a_full_bucket_not_forever() {
         let g = Gauge::new(None);
         let t0 = Time::ZERO;
-        g.report(Some(1000), Some(0), None, t0);
-        assert_eq!(g.free_at(t0, 0, 5000), t0 + Duration::from_secs(60));
+        g.report(Some(1000), Some(0), None, t0, 0);
+        assert_eq!(g.free_at(t0, 5000), t0 + Duration::from_secs(60));
     }
 
     #[test]
     fn without_a_limit_the_reset_frees_the_budget() {
         let g = Gauge::new(None);
         let t0 = Time::from_secs(10);
-        g.report(None, Some(0), Some(Duration::from_secs(7)), t0);
-        assert_eq!(g.free_at(t0, 0, 1), Time::from_secs(17));
+        g.report(None, Some(0), Some(Duration::from_secs(7)), t0, 0);
+        assert_eq!(g.free_at(t0, 1), Time::from_secs(17));
+        assert_eq!(g.free_at(Time::from_secs(17), 1), Time::from_secs(17));
     }
 
     #[test]

@@ -54,8 +54,12 @@ impl Cooldown {
 /// The rest the provider asked for, if its headers say.
 pub fn provider_rest(limits: &RateLimitHeaders) -> Option<Duration> {
     limits.retry_after.or_else(|| {
-        let requests = limits.reset_requests.filter(|_| limits.remaining_requests == Some(0));
-        let tokens = limits.reset_tokens.filter(|_| limits.remaining_tokens == Some(0));
+        let requests = limits
+            .reset_requests
+            .filter(|_| limits.remaining_requests == Some(0));
+        let tokens = limits
+            .reset_tokens
+            .filter(|_| limits.remaining_tokens == Some(0));
         requests.max(tokens)
     })
 }
@@ -72,7 +76,10 @@ mod tests {
             retry_after: Some(Duration::from_millis(1500)),
             ..Default::default()
         };
-        assert_eq!(c.rate_limited(&limits, Time::from_secs(10)), Time::from_millis(11_500));
+        assert_eq!(
+            c.rate_limited(&limits, Time::from_secs(10)),
+            Time::from_millis(11_500)
+        );
     }
 
     #[test]

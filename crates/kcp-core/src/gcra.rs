@@ -106,6 +106,24 @@ impl Gcra {
         }
     }
 
+    /// When the `n`-th cell from `from` on conforms, if the ones before it are taken as soon
+    /// as they conform (`n = 1` at `from = now` is [`Gcra::check`]'s answer):
+    /// `max(from, max(tat, from) + n·T − τ)`.
+    pub fn nth_conforms(&self, from: Time, n: u32) -> Time {
+        match self.mode() {
+            Mode::Unlimited => from,
+            Mode::Closed => Time::NEVER,
+            Mode::Limited { t, tau } => {
+                let tat = self.tat.load(Ordering::Acquire).max(from.as_nanos());
+                let at = t
+                    .checked_mul(u64::from(n.max(1)))
+                    .and_then(|span| tat.checked_add(span))
+                    .map_or(Time::NEVER, |end| Time::from_nanos(end.saturating_sub(tau)));
+                at.max(from)
+            }
+        }
+    }
+
     /// Gives back one cell taken by [`Gcra::try_acquire`] that was not used.
     ///
     /// The TAT moves back by one interval (at the current rate), saturating at the origin. A TAT
@@ -232,6 +250,23 @@ mod tests {
         assert_eq!(gcra.check(ms(0)), Err(ms(1000)));
         assert_eq!(gcra.check(ms(500)), Err(ms(1000)));
         assert_eq!(gcra.try_acquire(ms(0)), Err(ms(1000)));
+    }
+
+    #[test]
+    fn nth_conforms_counts_the_cells_before() {
+        let gcra = Gcra::new(10.0, burst(2));
+        assert_eq!(gcra.nth_conforms(ms(0), 1), ms(0));
+        assert_eq!(gcra.nth_conforms(ms(0), 2), ms(0));
+        assert_eq!(gcra.nth_conforms(ms(0), 3), ms(100));
+        assert_eq!(gcra.try_acquire(ms(0)), Ok(()));
+        assert_eq!(gcra.try_acquire(ms(0)), Ok(()));
+        assert_eq!(Err(gcra.nth_conforms(ms(0), 1)), gcra.check(ms(0)));
+        assert_eq!(gcra.nth_conforms(ms(0), 3), ms(300));
+        // From a later instant (a rest that ends then), the burst is back by then.
+        assert_eq!(gcra.nth_conforms(ms(1000), 2), ms(1000));
+        assert_eq!(gcra.nth_conforms(ms(1000), 3), ms(1100));
+        assert_eq!(Gcra::unlimited().nth_conforms(ms(7), 9), ms(7));
+        assert_eq!(Gcra::new(0.0, burst(1)).nth_conforms(ms(7), 1), Time::NEVER);
     }
 
     #[test]

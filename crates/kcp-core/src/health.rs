@@ -56,7 +56,9 @@ impl Health {
 
     fn adjust(&self, f: impl Fn(u32) -> u32) {
         // fetch_update only fails when the closure returns None, which it never does.
-        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(f(h)));
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(f(h)));
     }
 }
 
@@ -76,7 +78,9 @@ impl PeakEwma {
         let next = if sample > current {
             sample
         } else {
-            let w = decay_weight(now.saturating_since(Time::from_nanos(self.updated.load(Ordering::Relaxed))));
+            let w = decay_weight(
+                now.saturating_since(Time::from_nanos(self.updated.load(Ordering::Relaxed))),
+            );
             current * w + sample * (1.0 - w)
         };
         self.estimate.store(next.to_bits(), Ordering::Relaxed);

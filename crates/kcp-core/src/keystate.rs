@@ -79,6 +79,29 @@ pub enum StateChange {
     GroupRecovered,
 }
 
+/// Whether a 429 is about the key's own pace: its headers say one of its budgets is spent,
+/// or they say nothing about its budgets. A 429 that reports budget left comes from a limit
+/// the key shares (an organization or account throttle, see [`crate::throttle`]): slowing
+/// this key down would not help, so its pace is left alone.
+fn own_budget_spent(limits: &RateLimitHeaders) -> bool {
+    match (limits.remaining_requests, limits.remaining_tokens) {
+        (None, None) => true,
+        (requests, tokens) => requests == Some(0) || tokens == Some(0),
+    }
+}
+
+/// Where a request stands in its key's send sequences, for dating and ordering the report
+/// its answer brings (see [`crate::budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// When it was sent (the provider admits it then).
+    pub(crate) at: Time,
+    /// Its mark in the request budget's sequence.
+    pub(crate) requests: u64,
+    /// Its mark in the token budget's sequence.
+    pub(crate) tokens: u64,
+}
+
 /// Which single-trial slot a lease holds, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Trial {
@@ -104,13 +127,16 @@ pub struct KeyState {
     pub(crate) disabled: AtomicBool,
     pub(crate) gate: Gate,
     pub(crate) in_flight: AtomicU32,
-    pub(crate) tokens_in_flight: AtomicU64,
     pub(crate) health: Health,
     pub(crate) latency: PeakEwma,
     pub(crate) requests: Gauge,
     pub(crate) tokens: Gauge,
     pub(crate) pace: Gcra,
     pub(crate) local: Gcra,
+    /// Tag of the fair rotation (f64 bits; see `KeyPool::select`).
+    pub(crate) pass: AtomicU64,
+    /// Pace cells promised to requests told to wait for this key (see `KeyPool::select`).
+    pub(crate) held: AtomicU32,
     pub(crate) counters: Counters,
     policy: Mutex<Policy>,
     jitter: Mutex<SplitMix64>,
@@ -123,13 +149,14 @@ impl KeyState {
             disabled: AtomicBool::new(false),
             gate: Gate::default(),
             in_flight: AtomicU32::new(0),
-            tokens_in_flight: AtomicU64::new(0),
             health: Health::default(),
             latency: PeakEwma::default(),
             requests: Gauge::new(spec.rpm.map(u64::from)),
             tokens: Gauge::new(spec.tpm.map(u64::from)),
             pace: Gcra::unlimited(),
             local: Gcra::unlimited(),
+            pass: AtomicU64::new(0),
+            held: AtomicU32::new(0),
             counters: Counters::default(),
             policy: Mutex::new(Policy::default()),
             jitter: Mutex::new(SplitMix64::new(seed)),
@@ -154,27 +181,59 @@ impl KeyState {
             .set_rate(rate, NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
     }
 
-    /// Takes the budget figures of any answer.
-    fn learn(&self, limits: &RateLimitHeaders, now: Time, pace: &Pace) {
+    /// Takes the budget figures of any answer to the request `sent`.
+    fn learn(&self, limits: &RateLimitHeaders, sent: &Sent, pace: &Pace) {
         let had_limit = self.requests.limit();
-        self.requests
-            .report(limits.limit_requests, limits.remaining_requests, limits.reset_requests, now);
-        self.tokens
-            .report(limits.limit_tokens, limits.remaining_tokens, limits.reset_tokens, now);
+        self.requests.report(
+            limits.limit_requests,
+            limits.remaining_requests,
+            limits.reset_requests,
+            sent.at,
+            sent.requests,
+        );
+        self.tokens.report(
+            limits.limit_tokens,
+            limits.remaining_tokens,
+            limits.reset_tokens,
+            sent.at,
+            sent.tokens,
+        );
         if self.requests.limit() != had_limit {
             self.repace(pace);
         }
     }
 
-    /// Applies one outcome; returns what changed. `penalty` is `unhealthy_penalty`.
-    pub(crate) fn record(&self, outcome: &Outcome, trial: Trial, penalty: u32, now: Time) -> Option<StateChange> {
+    /// A request leaves for this key at `now`, needing `tokens`.
+    pub(crate) fn send(&self, tokens: u64, now: Time) -> Sent {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Sent {
+            at: now,
+            requests: self.requests.spend(1),
+            tokens: self.tokens.spend(tokens),
+        }
+    }
+
+    /// Applies the outcome of the request `sent` (needing `tokens`); returns what changed.
+    /// `penalty` is `unhealthy_penalty`.
+    pub(crate) fn record(
+        &self,
+        outcome: &Outcome,
+        sent: &Sent,
+        tokens: u64,
+        trial: Trial,
+        penalty: u32,
+        now: Time,
+    ) -> Option<StateChange> {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.requests.settle(1);
+        self.tokens.settle(tokens);
         self.counters.count(outcome);
         let mut policy = self.policy();
         let change = match outcome {
             Outcome::Success { latency, limits } => {
                 self.health.reward();
                 self.latency.observe(*latency, now);
-                self.learn(limits, now, &policy.pace);
+                self.learn(limits, sent, &policy.pace);
                 policy.cooldown.succeeded();
                 policy.pace.grow();
                 self.repace(&policy.pace);
@@ -187,9 +246,13 @@ impl KeyState {
                 }
             }
             Outcome::RateLimited { limits } => {
-                self.learn(limits, now, &policy.pace);
-                policy.pace.cut();
-                self.repace(&policy.pace);
+                // The key rests: what was promised of its next cells no longer holds.
+                self.held.store(0, Ordering::Release);
+                self.learn(limits, sent, &policy.pace);
+                if own_budget_spent(limits) {
+                    policy.pace.cut();
+                    self.repace(&policy.pace);
+                }
                 let until = policy.cooldown.rate_limited(limits, now);
                 Some(StateChange::Cooling { until })
             }
@@ -203,14 +266,18 @@ impl KeyState {
                     };
                     policy.cooldown.rate_limited(&limits, now);
                 }
-                let jitter = self.jitter.lock().unwrap_or_else(PoisonError::into_inner).unit();
+                let jitter = self
+                    .jitter
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .unit();
                 policy
                     .circuit
                     .failed(now, jitter)
                     .map(|until| StateChange::CircuitOpened { until })
             }
             Outcome::RequestError { limits, .. } => {
-                self.learn(limits, now, &policy.pace);
+                self.learn(limits, sent, &policy.pace);
                 None
             }
             Outcome::Cancelled => None,
@@ -219,7 +286,13 @@ impl KeyState {
         change
     }
 
-    fn reject(&self, policy: &mut Policy, reason: DisableReason, trial: Trial, now: Time) -> Option<StateChange> {
+    fn reject(
+        &self,
+        policy: &mut Policy,
+        reason: DisableReason,
+        trial: Trial,
+        now: Time,
+    ) -> Option<StateChange> {
         match (&mut policy.disabled, trial) {
             (Some(disabled), Trial::Probe) => {
                 disabled.probe_failed(reason, now);
@@ -259,7 +332,8 @@ impl KeyState {
 
     /// Whether a re-check is due at `now`.
     pub(crate) fn probe_due(&self, now: Time) -> bool {
-        self.disabled.load(Ordering::Acquire) && self.policy().disabled.is_some_and(|d| d.probe_due(now))
+        self.disabled.load(Ordering::Acquire)
+            && self.policy().disabled.is_some_and(|d| d.probe_due(now))
     }
 
     /// An operator disables (`true`) or enables (`false`) the key.
@@ -292,12 +366,14 @@ impl KeyState {
     pub(crate) fn configure(&self, spec: &KeySpec, local_rps: Option<f64>, burst: NonZeroU32) {
         if let Some(rpm) = spec.rpm {
             if self.requests.limit().is_none() {
-                self.requests.report(Some(u64::from(rpm)), None, None, Time::ZERO);
+                self.requests
+                    .report(Some(u64::from(rpm)), None, None, Time::ZERO, 0);
             }
         }
         if let Some(tpm) = spec.tpm {
             if self.tokens.limit().is_none() {
-                self.tokens.report(Some(u64::from(tpm)), None, None, Time::ZERO);
+                self.tokens
+                    .report(Some(u64::from(tpm)), None, None, Time::ZERO, 0);
             }
         }
         // A key's own rpm is more specific than the pool-wide per_key_rps.

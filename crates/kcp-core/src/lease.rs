@@ -6,10 +6,9 @@
 //! in-flight slot or a trial.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::key::{KeyId, KeySpec};
-use crate::keystate::{StateChange, Trial};
+use crate::keystate::{Sent, StateChange, Trial};
 use crate::outcome::Outcome;
 use crate::pool::PoolKey;
 use crate::routing::KeyIndex;
@@ -23,21 +22,27 @@ pub struct Lease {
     trial: Trial,
     group_trial: Option<u64>,
     penalty: u32,
-    started: Time,
+    sent: Sent,
     done: bool,
 }
 
 impl Lease {
-    pub(crate) fn new(key: Arc<PoolKey>, tokens: u64, trial: Trial, group_trial: Option<u64>, penalty: u32, now: Time) -> Self {
-        key.state.in_flight.fetch_add(1, Ordering::AcqRel);
-        key.state.tokens_in_flight.fetch_add(tokens, Ordering::AcqRel);
+    pub(crate) fn new(
+        key: Arc<PoolKey>,
+        tokens: u64,
+        trial: Trial,
+        group_trial: Option<u64>,
+        penalty: u32,
+        now: Time,
+    ) -> Self {
+        let sent = key.state.send(tokens, now);
         Lease {
             key,
             tokens,
             trial,
             group_trial,
             penalty,
-            started: now,
+            sent,
             done: false,
         }
     }
@@ -59,7 +64,7 @@ impl Lease {
 
     /// When the attempt started.
     pub fn started(&self) -> Time {
-        self.started
+        self.sent.at
     }
 
     /// Whether this attempt is a re-check of a disabled key.
@@ -75,10 +80,14 @@ impl Lease {
 
     fn finish(&mut self, outcome: &Outcome, now: Time) -> Changes {
         self.done = true;
-        let state = &self.key.state;
-        state.in_flight.fetch_sub(1, Ordering::AcqRel);
-        state.tokens_in_flight.fetch_sub(self.tokens, Ordering::AcqRel);
-        let key_change = state.record(outcome, self.trial, self.penalty, now);
+        let key_change = self.key.state.record(
+            outcome,
+            &self.sent,
+            self.tokens,
+            self.trial,
+            self.penalty,
+            now,
+        );
         let group_change = self.group_outcome(outcome, now);
         Changes([key_change, group_change])
     }
@@ -92,7 +101,9 @@ impl Lease {
                     .rate_limited(self.key.index, rest, now, self.group_trial.is_some())
                     .map(|until| StateChange::GroupThrottled { until })
             }
-            Outcome::Success { .. } | Outcome::RequestError { .. } if self.group_trial.is_some() => {
+            Outcome::Success { .. } | Outcome::RequestError { .. }
+                if self.group_trial.is_some() =>
+            {
                 group.recovered();
                 Some(StateChange::GroupRecovered)
             }
@@ -117,7 +128,7 @@ impl Drop for Lease {
         if !self.done {
             // Time is not known here; the cancelled outcome does not depend on it beyond
             // republishing the gate, for which the start time is a safe lower bound.
-            let started = self.started;
+            let started = self.sent.at;
             self.finish(&Outcome::Cancelled, started);
         }
     }

@@ -35,7 +35,9 @@ pub use budget::estimate_tokens;
 pub use key::{KeyId, KeySpec};
 pub use keystate::StateChange;
 pub use lease::{Changes, Lease};
-pub use outcome::{DisableReason, ErrorClass, Outcome, StatusClass, UpstreamFailure, classify_status};
+pub use outcome::{
+    DisableReason, ErrorClass, Outcome, StatusClass, UpstreamFailure, classify_status,
+};
 pub use pool::{Demand, KeyPool, NoKey, PoolConfig, PoolError, Strategy};
 pub use ratelimit_headers::RateLimitHeaders;
 pub use rng::{Random, SplitMix64};

@@ -74,7 +74,11 @@ pub enum ErrorClass {
 
 /// Why a key is disabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum DisableReason {
     /// 401: the key is invalid or revoked.
     Unauthorized,
@@ -138,7 +142,9 @@ pub fn classify_status(status: u16, error_code: Option<&str>) -> StatusClass {
         403 => StatusClass::KeyRejected(DisableReason::Forbidden),
         429 => match error_code {
             Some("insufficient_quota") => StatusClass::KeyRejected(DisableReason::QuotaExhausted),
-            Some(code) if code.starts_with("billing") => StatusClass::KeyRejected(DisableReason::Billing),
+            Some(code) if code.starts_with("billing") => {
+                StatusClass::KeyRejected(DisableReason::Billing)
+            }
             _ => StatusClass::RateLimited,
         },
         500 | 502 | 503 | 504 => StatusClass::Upstream,
@@ -155,9 +161,18 @@ mod tests {
     fn statuses_fall_into_the_guide_classes() {
         use DisableReason::*;
         assert_eq!(classify_status(200, None), StatusClass::Success);
-        assert_eq!(classify_status(401, None), StatusClass::KeyRejected(Unauthorized));
-        assert_eq!(classify_status(402, None), StatusClass::KeyRejected(Billing));
-        assert_eq!(classify_status(403, None), StatusClass::KeyRejected(Forbidden));
+        assert_eq!(
+            classify_status(401, None),
+            StatusClass::KeyRejected(Unauthorized)
+        );
+        assert_eq!(
+            classify_status(402, None),
+            StatusClass::KeyRejected(Billing)
+        );
+        assert_eq!(
+            classify_status(403, None),
+            StatusClass::KeyRejected(Forbidden)
+        );
         assert_eq!(
             classify_status(429, Some("insufficient_quota")),
             StatusClass::KeyRejected(QuotaExhausted)
@@ -166,7 +181,10 @@ mod tests {
             classify_status(429, Some("billing_hard_limit_reached")),
             StatusClass::KeyRejected(Billing)
         );
-        assert_eq!(classify_status(429, Some("rate_limit_exceeded")), StatusClass::RateLimited);
+        assert_eq!(
+            classify_status(429, Some("rate_limit_exceeded")),
+            StatusClass::RateLimited
+        );
         assert_eq!(classify_status(429, None), StatusClass::RateLimited);
         for s in [500, 502, 503, 504] {
             assert_eq!(classify_status(s, None), StatusClass::Upstream);

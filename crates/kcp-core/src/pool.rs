@@ -20,13 +20,18 @@ use crate::time::Time;
 
 /// How selection chooses among the keys that can take a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum Strategy {
     /// Plain rotation over the keys that can take the request.
     RoundRobin,
-    /// Rotation where each key is taken with probability proportional to its weight ×
-    /// health × rate (learned or configured), so a 240 rpm key carries eight times the
-    /// traffic of a 30 rpm one and a failing key only a trickle.
+    /// Fair rotation in proportion to each key's weight × health × rate (its pace: learned
+    /// or configured, less after 429s), so a 240 rpm key carries eight times the traffic of a
+    /// 30 rpm one and a failing key only a trickle. A key that is briefly held back keeps
+    /// its turn for when it frees (start-time fair queueing, see [`KeyPool::select`]).
     #[default]
     RoundRobinHealthWeighted,
     /// Power of two choices over peak-EWMA latency × (in-flight + 1), as tower's p2c.
@@ -121,12 +126,20 @@ pub struct KeyPool {
     groups: Vec<Arc<ThrottleGroup>>,
     cursor: AtomicUsize,
     max_rpm: AtomicU64,
-    max_weight: u32,
+    /// Virtual time of the fair rotation (f64 bits; see [`KeyPool::select`]).
+    vtime: AtomicU64,
 }
 
 enum Check {
-    Ok { key_trial: Option<u64>, group_trial: Option<u64> },
+    Ok {
+        key_trial: Option<u64>,
+        group_trial: Option<u64>,
+    },
+    /// Over its local limit until then.
     Blocked(Time),
+    /// Resting, short of budget or ahead of its pace: free for one more request then, after
+    /// the requests already promised its next cells.
+    Paced(Time),
     Disabled,
     Excluded,
 }
@@ -134,29 +147,46 @@ enum Check {
 #[derive(Default)]
 struct Why {
     until: Option<Time>,
+    /// The key that frees first, when it is a paced one (a promise can be made on it).
+    paced: Option<KeyIndex>,
     excluded: bool,
     disabled: bool,
 }
 
 impl Why {
-    fn note(&mut self, check: &Check) {
-        match check {
-            Check::Blocked(t) => self.until = Some(self.until.map_or(*t, |u| u.min(*t))),
+    fn note(&mut self, check: &Check, key: KeyIndex) {
+        match *check {
+            Check::Blocked(t) | Check::Paced(t) if self.until.is_none_or(|u| t < u) => {
+                self.until = Some(t);
+                self.paced = matches!(check, Check::Paced(_)).then_some(key);
+            }
             Check::Disabled => self.disabled = true,
             Check::Excluded => self.excluded = true,
-            Check::Ok { .. } => {}
+            Check::Blocked(_) | Check::Paced(_) | Check::Ok { .. } => {}
         }
     }
 
     fn verdict(self) -> NoKey {
         match self {
-            Why { until: Some(until), .. } => NoKey::Busy { until },
+            Why {
+                until: Some(until), ..
+            } => NoKey::Busy { until },
             Why { excluded: true, .. } => NoKey::Exhausted,
             Why { disabled: true, .. } => NoKey::AllDisabled,
             _ => NoKey::NoRoute,
         }
     }
 }
+
+/// Candidates the fair rotation compares: all of them in pools of up to this many keys,
+/// a rotating window of this many in larger ones, so selection stays O(1) in pool size
+/// when keys are free.
+pub const FAIR_WINDOW: usize = 16;
+
+/// How far ahead the pool promises a key's next cells to waiting requests (the server's
+/// default `rate_limit.max_wait_ms`). A request told to come back later than this is
+/// refused, and a promise it did not take would only delay the requests after it.
+pub const PROMISE_HORIZON: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A gate value that means "a trial is under way": report a short, honest wait.
 const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -173,7 +203,11 @@ impl KeyPool {
         Self::build(specs, config, Some(self))
     }
 
-    fn build(specs: Vec<KeySpec>, config: PoolConfig, previous: Option<&KeyPool>) -> Result<KeyPool, PoolError> {
+    fn build(
+        specs: Vec<KeySpec>,
+        config: PoolConfig,
+        previous: Option<&KeyPool>,
+    ) -> Result<KeyPool, PoolError> {
         let mut unique: Vec<KeySpec> = Vec::with_capacity(specs.len());
         for (i, spec) in specs.into_iter().enumerate() {
             if spec.secret.is_empty() {
@@ -186,7 +220,8 @@ impl KeyPool {
                 unique.push(spec);
             }
         }
-        let routes = RouteTable::build(&unique.iter().map(|s| s.models.clone()).collect::<Vec<_>>())?;
+        let routes =
+            RouteTable::build(&unique.iter().map(|s| s.models.clone()).collect::<Vec<_>>())?;
         let mut groups: Vec<Arc<ThrottleGroup>> = Vec::new();
         let mut keys = Vec::with_capacity(unique.len());
         for (index, spec) in unique.into_iter().enumerate() {
@@ -214,8 +249,12 @@ impl KeyPool {
         }
         let global = previous.map_or_else(|| Arc::new(Gcra::unlimited()), |p| p.global.clone());
         global.set_rate(config.global_rps.unwrap_or(f64::INFINITY), config.burst);
-        let max_weight = keys.iter().map(|k| k.spec.weight).max().unwrap_or(1);
-        let max_rpm = keys.iter().filter_map(|k| k.state.requests.limit()).max().unwrap_or(1);
+        let vtime = previous.map_or(0, |p| p.vtime.load(Ordering::Relaxed));
+        let max_rpm = keys
+            .iter()
+            .filter_map(|k| k.state.requests.limit())
+            .max()
+            .unwrap_or(1);
         Ok(KeyPool {
             keys: keys.into_boxed_slice(),
             routes,
@@ -224,7 +263,7 @@ impl KeyPool {
             groups,
             cursor: AtomicUsize::new(0),
             max_rpm: AtomicU64::new(max_rpm),
-            max_weight,
+            vtime: AtomicU64::new(vtime),
         })
     }
 
@@ -254,7 +293,33 @@ impl KeyPool {
     }
 
     /// Chooses a key for a request, or says why none can take it now.
-    pub fn select<R: Random + ?Sized>(&self, demand: &Demand<'_>, now: Time, rng: &mut R) -> Result<Lease, NoKey> {
+    ///
+    /// Only keys that can take the request at `now` are candidates: not excluded, disabled,
+    /// cooling, throttled with their group, short of learned budget (requests or the
+    /// demand's tokens, counting what is in flight) or ahead of their pace. Among those,
+    /// `round_robin_health_weighted` uses start-time fair queueing (Goyal, Vin & Cheng,
+    /// 1996) with each key as a flow of share weight × health × rate: every lease advances
+    /// its key's tag by `1 / share`, and the key with the smallest start tag
+    /// (`max(tag, virtual time)`) among the first [`FAIR_WINDOW`] candidates from a rotating
+    /// cursor wins. The key furthest behind its share, i.e. with the most headroom relative
+    /// to its own rate, goes first; a key held back by its pace keeps its turn instead of
+    /// losing its share, but an idle key earns no credit.
+    ///
+    /// When no key can take it, [`NoKey::Busy`] says when one can: for each key, the instant
+    /// its rest (and its group's) is over, its budget covers the request and its pace has a
+    /// cell not yet promised to another waiting request; the earliest of those. If that is
+    /// within [`PROMISE_HORIZON`], the key's cell is promised to this request: only a count
+    /// per key, so the next request that has to wait is told the cell after it, and whoever
+    /// takes a key's cell while some are promised takes the earliest promise. Requests that
+    /// wait are thus spread over the coming cells in order instead of all waking at the
+    /// first one, and once the cells within the caller's `max_wait` are promised, a new
+    /// request hears at once that its wait would be too long.
+    pub fn select<R: Random + ?Sized>(
+        &self,
+        demand: &Demand<'_>,
+        now: Time,
+        rng: &mut R,
+    ) -> Result<Lease, NoKey> {
         let route = self.routes.lookup(demand.model);
         if route.is_empty() {
             return Err(NoKey::NoRoute);
@@ -268,14 +333,27 @@ impl KeyPool {
                 continue;
             }
             let found = match self.config.strategy {
-                Strategy::LeastLatency => self.two_choices(tier.keys, &tier, demand, now, rng, &mut why),
-                strategy => self.rotate(tier.keys, &tier, demand, now, rng, strategy, &mut why),
+                Strategy::LeastLatency => {
+                    self.two_choices(tier.keys, &tier, demand, now, rng, &mut why)
+                }
+                Strategy::RoundRobinHealthWeighted => {
+                    self.fair(tier.keys, &tier, demand, now, &mut why)
+                }
+                Strategy::RoundRobin => self.rotate(tier.keys, &tier, demand, now, &mut why),
             };
             if let Some(lease) = found {
                 return Ok(lease);
             }
         }
         self.global.refund();
+        if let (Some(index), Some(until)) = (why.paced, why.until) {
+            if until.saturating_since(now) <= PROMISE_HORIZON {
+                // The request will come back then for that key's cell: whoever asks next is
+                // told the cell after it.
+                let held = &self.keys[index as usize].state.held;
+                held.fetch_add(1, Ordering::AcqRel);
+            }
+        }
         Err(why.verdict())
     }
 
@@ -295,11 +373,14 @@ impl KeyPool {
         for index in home {
             let key = &self.keys[index as usize];
             let check = self.check(key, demand, now);
-            why.note(&check);
+            why.note(&check, index);
             match check {
                 Check::Disabled | Check::Excluded => continue,
-                Check::Blocked(_) => break,
-                Check::Ok { key_trial, group_trial } => {
+                Check::Blocked(_) | Check::Paced(_) => break,
+                Check::Ok {
+                    key_trial,
+                    group_trial,
+                } => {
                     if let Err(until) = self.global.try_acquire(now) {
                         return Err(NoKey::Busy { until });
                     }
@@ -307,7 +388,7 @@ impl KeyPool {
                         return Ok(lease);
                     }
                     self.global.refund();
-                    why.note(&Check::Blocked(now + PENDING_WAIT));
+                    why.note(&Check::Blocked(now + PENDING_WAIT), index);
                     break;
                 }
             }
@@ -315,21 +396,16 @@ impl KeyPool {
         Err(why.verdict())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn rotate<R: Random + ?Sized>(
+    fn rotate(
         &self,
         keys: &[KeyIndex],
         tier: &crate::routing::Candidates<'_>,
         demand: &Demand<'_>,
         now: Time,
-        rng: &mut R,
-        strategy: Strategy,
         why: &mut Why,
     ) -> Option<Lease> {
         let n = keys.len();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        let weighted = strategy == Strategy::RoundRobinHealthWeighted;
-        let mut passed_over: Option<(usize, Option<u64>, Option<u64>)> = None;
         for step in 0..n {
             let index = keys[(start + step) % n];
             if !tier.admits(index) {
@@ -337,20 +413,104 @@ impl KeyPool {
             }
             let key = &self.keys[index as usize];
             let check = self.check(key, demand, now);
-            why.note(&check);
-            let Check::Ok { key_trial, group_trial } = check else {
+            why.note(&check, index);
+            let Check::Ok {
+                key_trial,
+                group_trial,
+            } = check
+            else {
                 continue;
             };
-            if weighted && key_trial.is_none() && !self.accept(key, rng) {
-                passed_over.get_or_insert((index as usize, key_trial, group_trial));
-                continue;
-            }
             if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
                 return Some(lease);
             }
         }
-        let (index, key_trial, group_trial) = passed_over?;
-        self.take(&self.keys[index], demand, now, key_trial, group_trial)
+        None
+    }
+
+    /// Start-time fair queueing over the candidates (see [`KeyPool::select`]).
+    fn fair(
+        &self,
+        keys: &[KeyIndex],
+        tier: &crate::routing::Candidates<'_>,
+        demand: &Demand<'_>,
+        now: Time,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let n = keys.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let vtime = f64::from_bits(self.vtime.load(Ordering::Acquire));
+        let mut best: Option<(f64, usize, Option<u64>)> = None;
+        let mut candidates = 0;
+        for step in 0..n {
+            let index = keys[(start + step) % n];
+            if !tier.admits(index) {
+                continue;
+            }
+            let key = &self.keys[index as usize];
+            let check = self.check(key, demand, now);
+            why.note(&check, index);
+            let Check::Ok {
+                key_trial,
+                group_trial,
+            } = check
+            else {
+                continue;
+            };
+            if key_trial.is_some() {
+                // A half-open circuit's single trial goes first, whatever the shares.
+                if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
+                    return Some(lease);
+                }
+                continue;
+            }
+            let tag = f64::from_bits(key.state.pass.load(Ordering::Acquire)).max(vtime);
+            if best.is_none_or(|(b, ..)| tag < b) {
+                best = Some((tag, index as usize, group_trial));
+            }
+            candidates += 1;
+            if candidates == FAIR_WINDOW {
+                break;
+            }
+        }
+        let (_, index, group_trial) = best?;
+        self.take(&self.keys[index], demand, now, None, group_trial)
+            // Another thread took its last cell or the group's probe: any key that can.
+            .or_else(|| self.rotate(keys, tier, demand, now, why))
+    }
+
+    /// A lease on `key` starts: its start tag is `max(tag, virtual time)`, which becomes the
+    /// virtual time, and its tag moves on by `1 / share`.
+    fn advance(&self, key: &PoolKey) {
+        let vtime = f64::from_bits(self.vtime.load(Ordering::Acquire));
+        let stride = 1.0 / self.share(key);
+        let mut start = vtime;
+        // The closure always returns Some, so the update cannot fail.
+        let _ = key
+            .state
+            .pass
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pass| {
+                start = f64::from_bits(pass).max(vtime);
+                Some((start + stride).to_bits())
+            });
+        // Non-negative floats order like their bit patterns.
+        self.vtime.fetch_max(start.to_bits(), Ordering::AcqRel);
+    }
+
+    /// A key's share of the fair rotation: weight × health × requests per second (its pace;
+    /// a key whose rate is not known yet counts as the fastest known one).
+    fn share(&self, key: &PoolKey) -> f64 {
+        let state = &key.state;
+        let max_rpm = self.max_rpm.load(Ordering::Relaxed);
+        let rate = match (state.requests.limit(), state.pace.rate_per_sec()) {
+            (Some(rpm), Some(rate)) if rate > 0.0 => {
+                self.max_rpm.fetch_max(rpm, Ordering::Relaxed);
+                rate
+            }
+            _ => max_rpm as f64 / 60.0,
+        };
+        let health = f64::from(state.health.get()) / f64::from(crate::health::MAX_HEALTH);
+        (f64::from(key.spec.weight) * health * rate).max(f64::MIN_POSITIVE)
     }
 
     fn two_choices<R: Random + ?Sized>(
@@ -376,7 +536,11 @@ impl KeyPool {
                 continue;
             }
             let key = &self.keys[index as usize];
-            if let Check::Ok { key_trial, group_trial } = self.check(key, demand, now) {
+            if let Check::Ok {
+                key_trial,
+                group_trial,
+            } = self.check(key, demand, now)
+            {
                 let cost = self.cost(key, now);
                 if best.is_none_or(|(c, ..)| cost < c) {
                     best = Some((cost, index as usize, key_trial, group_trial));
@@ -389,33 +553,13 @@ impl KeyPool {
             }
         }
         // Neither sample can take it: fall back to any key that can.
-        self.rotate(keys, tier, demand, now, rng, Strategy::RoundRobin, why)
+        self.rotate(keys, tier, demand, now, why)
     }
 
     /// Peak-EWMA latency × (in-flight + 1) / weight: lower is better.
     fn cost(&self, key: &PoolKey, now: Time) -> f64 {
         let in_flight = f64::from(key.state.in_flight.load(Ordering::Relaxed));
         key.state.latency.cost_nanos(now) * (in_flight + 1.0) / f64::from(key.spec.weight)
-    }
-
-    /// Weighted acceptance (stochastic acceptance, Lipowski & Lipowska 2012): a key is taken
-    /// with probability weight × health × rate over the pool's largest possible value,
-    /// which selects keys in proportion to that product in O(1) expected steps.
-    fn accept<R: Random + ?Sized>(&self, key: &PoolKey, rng: &mut R) -> bool {
-        let max_rpm = self.max_rpm.load(Ordering::Relaxed);
-        let rpm = match key.state.requests.limit() {
-            Some(rpm) => {
-                if rpm > max_rpm {
-                    self.max_rpm.fetch_max(rpm, Ordering::Relaxed);
-                    return true;
-                }
-                rpm
-            }
-            None => max_rpm,
-        };
-        let weight = f64::from(key.spec.weight) * f64::from(key.state.health.get()) * rpm as f64;
-        let max = f64::from(self.max_weight) * f64::from(crate::health::MAX_HEALTH) * max_rpm as f64;
-        weight >= max || rng.unit() * max < weight
     }
 
     /// Whether `key` can take the request now, without changing anything.
@@ -428,33 +572,54 @@ impl KeyPool {
         if state.disabled.load(Ordering::Acquire) {
             return Check::Disabled;
         }
+        let mut rest = now;
         let key_trial = match state.gate.check(now) {
             Pass::Open => None,
-            Pass::Until(t) => return Check::Blocked(honest(t, now)),
+            Pass::Until(t) => {
+                rest = honest(t, now);
+                None
+            }
             Pass::Trial(seen) => Some(seen),
         };
         let group_trial = match key.group.gate.check(now) {
             Pass::Open => None,
-            Pass::Until(t) => return Check::Blocked(honest(t, now)),
+            Pass::Until(t) => {
+                rest = rest.max(after_probe(t, now));
+                None
+            }
             Pass::Trial(seen) => Some(seen),
         };
-        let in_flight = u64::from(state.in_flight.load(Ordering::Relaxed));
-        let free = state
+        let budget = state
             .requests
-            .free_at(now, in_flight, 1)
-            .max(state.tokens.free_at(now, state.tokens_in_flight.load(Ordering::Relaxed), demand.tokens));
-        if free > now {
-            return Check::Blocked(free);
+            .free_at(now, 1)
+            .max(state.tokens.free_at(now, demand.tokens));
+        let blocked = rest > now || budget > now || state.pace.check(now).is_err();
+        if blocked {
+            let paced = promise(state, demand, rest, now);
+            return match state.local.check(paced) {
+                Err(t) => Check::Blocked(t),
+                Ok(()) => Check::Paced(paced),
+            };
         }
-        if let Err(t) = state.local.check(now).and(state.pace.check(now)) {
+        if let Err(t) = state.local.check(now) {
             return Check::Blocked(t);
         }
-        Check::Ok { key_trial, group_trial }
+        Check::Ok {
+            key_trial,
+            group_trial,
+        }
     }
 
     /// Claims the key's trials and limiter cells, then leases it; `None` if another thread
     /// got there first.
-    fn take(&self, key: &Arc<PoolKey>, demand: &Demand<'_>, now: Time, key_trial: Option<u64>, group_trial: Option<u64>) -> Option<Lease> {
+    fn take(
+        &self,
+        key: &Arc<PoolKey>,
+        demand: &Demand<'_>,
+        now: Time,
+        key_trial: Option<u64>,
+        group_trial: Option<u64>,
+    ) -> Option<Lease> {
         let state = &key.state;
         if let Some(seen) = key_trial {
             if !state.gate.claim_trial(seen) {
@@ -487,8 +652,21 @@ impl KeyPool {
             release_all();
             return None;
         }
+        // Whoever takes a cell while some are promised takes the earliest promise: its
+        // holder is due now, or late and gone (it found another key, or gave up).
+        let _ = state
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| h.checked_sub(1));
+        self.advance(key);
         let trial = key_trial.map_or(Trial::None, Trial::Circuit);
-        Some(Lease::new(key.clone(), demand.tokens, trial, group_trial, self.config.unhealthy_penalty, now))
+        Some(Lease::new(
+            key.clone(),
+            demand.tokens,
+            trial,
+            group_trial,
+            self.config.unhealthy_penalty,
+            now,
+        ))
     }
 
     /// Disabled keys whose re-check is due at `now`.
@@ -504,9 +682,16 @@ impl KeyPool {
     /// when the key is not disabled, not due, or already being re-checked.
     pub fn probe(&self, index: KeyIndex, now: Time) -> Option<Lease> {
         let key = self.keys.get(index as usize)?;
-        key.state
-            .start_probe(now)
-            .then(|| Lease::new(key.clone(), 0, Trial::Probe, None, self.config.unhealthy_penalty, now))
+        key.state.start_probe(now).then(|| {
+            Lease::new(
+                key.clone(),
+                0,
+                Trial::Probe,
+                None,
+                self.config.unhealthy_penalty,
+                now,
+            )
+        })
     }
 
     /// An operator disables or re-enables the key with this id; `None` if there is none.
@@ -525,6 +710,28 @@ impl KeyPool {
     }
 }
 
+/// When a key resting until `rest` frees for one more request after the `n - 1` already
+/// promised its next cells: its `n`-th pace cell from the end of the rest, once its budget
+/// covers `n` such requests.
+fn promise(state: &KeyState, demand: &Demand<'_>, rest: Time, now: Time) -> Time {
+    let n = state.held.load(Ordering::Acquire).saturating_add(1);
+    let budget = state.requests.free_at(now, u64::from(n)).max(
+        state
+            .tokens
+            .free_at(now, demand.tokens.saturating_mul(u64::from(n))),
+    );
+    state.pace.nth_conforms(rest, n).max(budget)
+}
+
+/// When a throttled group that rests until `until` takes more than its single probe: a
+/// probe's round trip after the rest ends (or from now, when the probe is under way).
+fn after_probe(until: Time, now: Time) -> Time {
+    match honest(until, now) {
+        t if t == until => t + PENDING_WAIT,
+        t => t,
+    }
+}
+
 /// A trial under way has no deadline: say "soon" rather than "never".
 fn honest(until: Time, now: Time) -> Time {
     if until.as_nanos() >= crate::gate::Gate::PENDING - 1 {
@@ -538,10 +745,16 @@ fn seed_of(spec: &KeySpec) -> u64 {
     spec.id()
         .as_str()
         .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
-fn group_for(groups: &mut Vec<Arc<ThrottleGroup>>, previous: Option<&KeyPool>, spec: &KeySpec) -> Arc<ThrottleGroup> {
+fn group_for(
+    groups: &mut Vec<Arc<ThrottleGroup>>,
+    previous: Option<&KeyPool>,
+    spec: &KeySpec,
+) -> Arc<ThrottleGroup> {
     let url = normalize_url(&spec.url);
     let org = spec.organization.as_deref();
     if let Some(group) = groups.iter().find(|g| g.is_for(url, org)) {

@@ -88,7 +88,11 @@ impl<'a> Candidates<'a> {
 
     /// Whether the candidate at position `i` of `keys` is really in the set.
     pub fn admits(&self, key: KeyIndex) -> bool {
-        self.mask == 0 || self.masks.get(key as usize).is_some_and(|m| m & self.mask != 0)
+        self.mask == 0
+            || self
+                .masks
+                .get(key as usize)
+                .is_some_and(|m| m & self.mask != 0)
     }
 
     /// Whether the set is empty.
@@ -125,7 +129,9 @@ impl Route<'_> {
 
 /// Too many distinct glob patterns for one pool.
 #[derive(Debug, thiserror::Error)]
-#[error("{0} distinct model globs configured; at most {MAX_GLOBS} are supported: list models by name instead")]
+#[error(
+    "{0} distinct model globs configured; at most {MAX_GLOBS} are supported: list models by name instead"
+)]
 pub struct TooManyGlobs(pub usize);
 
 /// Model → candidate keys, built once per pool.
@@ -154,7 +160,9 @@ impl RouteTable {
             let index = key as KeyIndex;
             for pat in pats {
                 match pat {
-                    ModelPattern::Exact(name) => exact.entry(name.as_str().into()).or_default().push(index),
+                    ModelPattern::Exact(name) => {
+                        exact.entry(name.as_str().into()).or_default().push(index)
+                    }
                     ModelPattern::Glob(glob) => {
                         let bit = match globs.iter().position(|g| **g == **glob) {
                             Some(bit) => bit,
@@ -184,7 +192,11 @@ impl RouteTable {
             .into_iter()
             .map(|(model, mut keys)| {
                 let mask = glob_mask_for(&globs, &model);
-                keys.extend(globbed.iter().filter(|&&k| glob_masks[k as usize] & mask != 0));
+                keys.extend(
+                    globbed
+                        .iter()
+                        .filter(|&&k| glob_masks[k as usize] & mask != 0),
+                );
                 keys.sort_unstable();
                 keys.dedup();
                 (model, keys.into_boxed_slice())
@@ -257,7 +269,10 @@ mod tests {
     }
 
     fn keys(route: Route<'_>) -> (Vec<KeyIndex>, Vec<KeyIndex>) {
-        (route.primary.iter().collect(), route.secondary.iter().collect())
+        (
+            route.primary.iter().collect(),
+            route.secondary.iter().collect(),
+        )
     }
 
     #[test]

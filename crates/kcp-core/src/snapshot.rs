@@ -12,7 +12,11 @@ use crate::time::Time;
 
 /// Where a key stands at one instant.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum KeyStatus {
     /// Can take requests.
     Available,
@@ -196,8 +200,7 @@ fn status(key: &PoolKey, now: Time) -> (KeyStatus, Time) {
     if let Pass::Until(t) = key.group.gate.check(now) {
         return (KeyStatus::Throttled, t);
     }
-    let in_flight = u64::from(state.in_flight.load(Ordering::Relaxed));
-    let free = state.requests.free_at(now, in_flight, 1);
+    let free = state.requests.free_at(now, 1);
     let paced = state.pace.check(now).and(state.local.check(now)).err();
     match paced.map_or(free, |p| p.max(free)) {
         t if t > now => (KeyStatus::Limited, t),
@@ -228,7 +231,10 @@ fn key_snapshot(key: &PoolKey, now: Time) -> KeySnapshot {
             .map(|d| secs_until(d.probe_at, now)),
         in_flight: state.in_flight.load(Ordering::Relaxed),
         health: state.health.get(),
-        latency_ms: state.latency.get(now).map(|d: Duration| d.as_secs_f64() * 1e3),
+        latency_ms: state
+            .latency
+            .get(now)
+            .map(|d: Duration| d.as_secs_f64() * 1e3),
         outcomes: OutcomeCounts {
             success: load(&c.success),
             rate_limited: load(&c.rate_limited),

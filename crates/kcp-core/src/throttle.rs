@@ -5,7 +5,9 @@
 //! group's, not the keys': trying the next key only burns another call. The whole group
 //! then rests together for the longest `Retry-After` seen, and a single probe request is
 //! let through when the rest ends (a [`Gate`] trial); its success lifts the throttle, its
-//! 429 renews it.
+//! 429 renews it. A group needs at least [`MIN_GROUP`] keys for this: in a pair, "most"
+//! is both, which two independently busy keys produce as often as a shared limit does, and
+//! each key's own rest already stops the pair from burning calls.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,6 +20,8 @@ use crate::time::Time;
 pub const WINDOW: Duration = Duration::from_secs(5);
 /// Shortest group rest, when no 429 said how long.
 pub const MIN_REST: Duration = Duration::from_secs(1);
+/// Fewest keys a group needs before their 429s count as a shared limit.
+pub const MIN_GROUP: usize = 3;
 
 /// One group of keys sharing url and organization.
 #[derive(Debug)]
@@ -67,7 +71,13 @@ impl ThrottleGroup {
 
     /// A member got a rate-limit 429 at `now`, asking to rest `rest`. Returns the group's
     /// rest deadline when this 429 makes (or, for a probe, keeps) the whole group throttled.
-    pub fn rate_limited(&self, key: KeyIndex, rest: Duration, now: Time, probe: bool) -> Option<Time> {
+    pub fn rate_limited(
+        &self,
+        key: KeyIndex,
+        rest: Duration,
+        now: Time,
+        probe: bool,
+    ) -> Option<Time> {
         let mut recent = lock(&self.recent);
         recent.retain(|r| now.saturating_since(r.at) <= WINDOW);
         recent.push(Recent { at: now, key, rest });
@@ -75,10 +85,15 @@ impl ThrottleGroup {
         keys.sort_unstable();
         keys.dedup();
         let size = self.size();
-        if !probe && (size < 2 || keys.len() * 2 <= size) {
+        if !probe && (size < MIN_GROUP || keys.len() * 2 <= size) {
             return None;
         }
-        let longest = recent.iter().map(|r| r.rest).max().unwrap_or(MIN_REST).max(MIN_REST);
+        let longest = recent
+            .iter()
+            .map(|r| r.rest)
+            .max()
+            .unwrap_or(MIN_REST)
+            .max(MIN_REST);
         recent.clear();
         let until = now + longest;
         self.gate.set(Some(until), true);
@@ -115,7 +130,9 @@ mod tests {
         assert_eq!(g.rate_limited(1, Duration::from_secs(7), t, false), None);
         // The same key twice does not count twice.
         assert_eq!(g.rate_limited(1, Duration::from_secs(7), t, false), None);
-        let until = g.rate_limited(2, Duration::from_secs(2), t, false).expect("3 of 4");
+        let until = g
+            .rate_limited(2, Duration::from_secs(2), t, false)
+            .expect("3 of 4");
         assert_eq!(until, t + Duration::from_secs(7), "longest rest wins");
         assert!(matches!(g.gate.check(t), Pass::Until(_)));
         assert!(matches!(g.gate.check(until), Pass::Trial(_)));
@@ -126,17 +143,41 @@ mod tests {
     #[test]
     fn spread_out_429s_are_key_problems() {
         let g = group(4);
-        assert_eq!(g.rate_limited(0, Duration::from_secs(1), Time::from_secs(0), false), None);
-        assert_eq!(g.rate_limited(1, Duration::from_secs(1), Time::from_secs(10), false), None);
-        assert_eq!(g.rate_limited(2, Duration::from_secs(1), Time::from_secs(20), false), None);
+        assert_eq!(
+            g.rate_limited(0, Duration::from_secs(1), Time::from_secs(0), false),
+            None
+        );
+        assert_eq!(
+            g.rate_limited(1, Duration::from_secs(1), Time::from_secs(10), false),
+            None
+        );
+        assert_eq!(
+            g.rate_limited(2, Duration::from_secs(1), Time::from_secs(20), false),
+            None
+        );
     }
 
     #[test]
     fn single_key_groups_never_throttle_and_a_failed_probe_renews() {
         let g = group(1);
-        assert_eq!(g.rate_limited(0, Duration::from_secs(1), Time::ZERO, false), None);
+        assert_eq!(
+            g.rate_limited(0, Duration::from_secs(1), Time::ZERO, false),
+            None
+        );
+        let pair = group(2);
+        assert_eq!(
+            pair.rate_limited(0, Duration::from_secs(30), Time::ZERO, false),
+            None
+        );
+        assert_eq!(
+            pair.rate_limited(1, Duration::from_secs(7), Time::ZERO, false),
+            None,
+            "a pair limited together is two busy keys"
+        );
         let g = group(3);
-        let until = g.rate_limited(0, Duration::from_secs(4), Time::ZERO, true).expect("probe 429 renews");
+        let until = g
+            .rate_limited(0, Duration::from_secs(4), Time::ZERO, true)
+            .expect("probe 429 renews");
         assert_eq!(until, Time::from_secs(4));
     }
 }
