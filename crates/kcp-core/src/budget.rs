@@ -47,8 +47,10 @@ pub struct Gauge {
     covered: AtomicU64,
     /// Units spent on this key so far.
     sent: AtomicU64,
-    /// Units of requests sent and not answered yet.
-    pending: AtomicU64,
+    /// Units of those whose request was answered (or abandoned); `sent - settled` are in
+    /// flight. Two counters rather than one in-flight count keep `spend` to one
+    /// read-modify-write.
+    settled: AtomicU64,
 }
 
 impl Gauge {
@@ -62,27 +64,34 @@ impl Gauge {
             reset_at: AtomicU64::new(0),
             covered: AtomicU64::new(0),
             sent: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
         }
     }
 
     /// A request needing `units` is sent: returns its mark in the send sequence, to be
     /// passed back with the report its answer brings ([`Gauge::report`]).
     pub fn spend(&self, units: u64) -> u64 {
-        self.pending.fetch_add(units, Ordering::AcqRel);
+        if units == 0 {
+            return self.sent.load(Ordering::Acquire);
+        }
         self.sent
             .fetch_add(units, Ordering::AcqRel)
             .saturating_add(units)
     }
 
-    /// The request that spent `units` was answered (or abandoned).
+    /// The request that spent `units` was answered (or abandoned). Every `spend` is settled
+    /// exactly once (by its lease).
     pub fn settle(&self, units: u64) {
-        // The closure never returns None, so the update cannot fail.
-        let _ = self
-            .pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                Some(p.saturating_sub(units))
-            });
+        if units != 0 {
+            self.settled.fetch_add(units, Ordering::AcqRel);
+        }
+    }
+
+    /// Units of requests sent and not answered yet (for the request budget: requests in
+    /// flight).
+    pub fn pending(&self) -> u64 {
+        let settled = self.settled.load(Ordering::Acquire);
+        self.sent.load(Ordering::Acquire).saturating_sub(settled)
     }
 
     /// Takes a report (any of limit, remaining and time-to-reset) made by the provider at
@@ -148,7 +157,7 @@ impl Gauge {
             .sent
             .load(Ordering::Acquire)
             .saturating_sub(self.covered.load(Ordering::Relaxed));
-        since.min(self.pending.load(Ordering::Acquire))
+        since.min(self.pending())
     }
 
     /// The budget estimated at `now`: the newest report, plus what refilled since, minus what

@@ -35,6 +35,11 @@ impl Cooldown {
         self.until
     }
 
+    /// Whether no 429 streak is running (a success would change nothing).
+    pub fn is_calm(&self) -> bool {
+        self.streak == 0
+    }
+
     /// A success: the next header-less 429 starts again at [`BASE`].
     pub fn succeeded(&mut self) {
         self.streak = 0;

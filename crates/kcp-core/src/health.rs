@@ -45,7 +45,10 @@ impl Health {
 
     /// A success.
     pub fn reward(&self) {
-        self.adjust(|h| (h + SUCCESS_GAIN).min(MAX_HEALTH));
+        // A healthy key (the common case) costs a load, not a read-modify-write.
+        if self.get() < MAX_HEALTH {
+            self.adjust(|h| (h + SUCCESS_GAIN).min(MAX_HEALTH));
+        }
     }
 
     /// An upstream failure scaled by `unhealthy_penalty`.
@@ -73,14 +76,16 @@ pub struct PeakEwma {
 impl PeakEwma {
     /// Folds in one latency sample taken at `now`.
     pub fn observe(&self, sample: Duration, now: Time) {
-        let sample = sample.as_nanos() as f64;
-        let current = self.estimate_at(now);
+        let sample = sample.as_secs_f64() * 1e9;
+        let stored = f64::from_bits(self.estimate.load(Ordering::Relaxed));
+        let updated = Time::from_nanos(self.updated.load(Ordering::Relaxed));
+        let w = decay_weight(now.saturating_since(updated));
+        // The estimate first decays towards zero over the time elapsed, as a read would see
+        // it; a sample above that replaces it, one below is averaged in with the same weight.
+        let current = stored * w;
         let next = if sample > current {
             sample
         } else {
-            let w = decay_weight(
-                now.saturating_since(Time::from_nanos(self.updated.load(Ordering::Relaxed))),
-            );
             current * w + sample * (1.0 - w)
         };
         self.estimate.store(next.to_bits(), Ordering::Relaxed);
@@ -98,7 +103,7 @@ impl PeakEwma {
     pub fn cost_nanos(&self, now: Time) -> f64 {
         match self.get(now) {
             Some(_) => self.estimate_at(now),
-            None => DEFAULT_RTT.as_nanos() as f64,
+            None => DEFAULT_RTT.as_secs_f64() * 1e9,
         }
     }
 

@@ -121,23 +121,33 @@ struct Policy {
     pace: Pace,
 }
 
+impl Policy {
+    /// At rest: no 429 streak, circuit closed with no failures counted, enabled, full pace.
+    /// A success changes nothing here then, so it can skip the lock.
+    fn is_calm(&self) -> bool {
+        self.cooldown.is_calm()
+            && self.circuit == Circuit::default()
+            && self.disabled.is_none()
+            && self.pace == Pace::default()
+    }
+}
+
 /// The live, non-configuration state of one key. Kept across reloads while the key stays.
 #[derive(Debug)]
 pub struct KeyState {
     pub(crate) disabled: AtomicBool,
     pub(crate) gate: Gate,
-    pub(crate) in_flight: AtomicU32,
     pub(crate) health: Health,
     pub(crate) latency: PeakEwma,
     pub(crate) requests: Gauge,
     pub(crate) tokens: Gauge,
     pub(crate) pace: Gcra,
     pub(crate) local: Gcra,
-    /// Tag of the fair rotation (f64 bits; see `KeyPool::select`).
-    pub(crate) pass: AtomicU64,
     /// Pace cells promised to requests told to wait for this key (see `KeyPool::select`).
     pub(crate) held: AtomicU32,
     pub(crate) counters: Counters,
+    /// Mirrors `Policy::is_calm` for the lock-free success path.
+    calm: AtomicBool,
     policy: Mutex<Policy>,
     jitter: Mutex<SplitMix64>,
 }
@@ -148,16 +158,15 @@ impl KeyState {
         let state = KeyState {
             disabled: AtomicBool::new(false),
             gate: Gate::default(),
-            in_flight: AtomicU32::new(0),
             health: Health::default(),
             latency: PeakEwma::default(),
             requests: Gauge::new(spec.rpm.map(u64::from)),
             tokens: Gauge::new(spec.tpm.map(u64::from)),
             pace: Gcra::unlimited(),
             local: Gcra::unlimited(),
-            pass: AtomicU64::new(0),
             held: AtomicU32::new(0),
             counters: Counters::default(),
+            calm: AtomicBool::new(true),
             policy: Mutex::new(Policy::default()),
             jitter: Mutex::new(SplitMix64::new(seed)),
         };
@@ -205,7 +214,6 @@ impl KeyState {
 
     /// A request leaves for this key at `now`, needing `tokens`.
     pub(crate) fn send(&self, tokens: u64, now: Time) -> Sent {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
         Sent {
             at: now,
             requests: self.requests.spend(1),
@@ -224,10 +232,19 @@ impl KeyState {
         penalty: u32,
         now: Time,
     ) -> Option<StateChange> {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.requests.settle(1);
         self.tokens.settle(tokens);
         self.counters.count(outcome);
+        if let Outcome::Success { latency, limits } = outcome {
+            if trial == Trial::None && self.calm.load(Ordering::Acquire) {
+                // The hot path: a success on a key at rest only feeds the health, latency and
+                // budget atomics; the policy has nothing to reset.
+                self.health.reward();
+                self.latency.observe(*latency, now);
+                self.learn(limits, sent, &Pace::default());
+                return None;
+            }
+        }
         let mut policy = self.policy();
         let change = match outcome {
             Outcome::Success { latency, limits } => {
@@ -282,6 +299,7 @@ impl KeyState {
             }
             Outcome::Cancelled => None,
         };
+        self.calm.store(policy.is_calm(), Ordering::Release);
         self.publish(&policy, now);
         change
     }
@@ -352,6 +370,7 @@ impl KeyState {
             self.disabled.store(false, Ordering::Release);
             was.then_some(StateChange::Enabled)
         };
+        self.calm.store(policy.is_calm(), Ordering::Release);
         self.publish(&policy, now);
         change
     }

@@ -5,6 +5,8 @@
 //! and the caller swaps the `Arc`. Leases hold their key's state, so in-flight requests
 //! finish on the key they have whatever happens to the pool.
 
+use std::collections::{HashMap, HashSet};
+use std::hash::Hasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +16,7 @@ use crate::key::{KeyId, KeySpec, normalize_url};
 use crate::keystate::{KeyState, Trial};
 use crate::lease::{Changes, Lease};
 use crate::rng::Random;
-use crate::routing::{KeyIndex, RouteTable, TooManyGlobs};
+use crate::routing::{Fnv, KeyIndex, RouteTable, TooManyGlobs};
 use crate::throttle::ThrottleGroup;
 use crate::time::Time;
 
@@ -128,6 +130,9 @@ pub struct KeyPool {
     max_rpm: AtomicU64,
     /// Virtual time of the fair rotation (f64 bits; see [`KeyPool::select`]).
     vtime: AtomicU64,
+    /// Each key's tag in the fair rotation (f64 bits), side by side so a window of tags is
+    /// two cache lines rather than sixteen scattered ones.
+    tags: Box<[AtomicU64]>,
 }
 
 enum Check {
@@ -209,26 +214,38 @@ impl KeyPool {
         previous: Option<&KeyPool>,
     ) -> Result<KeyPool, PoolError> {
         let mut unique: Vec<KeySpec> = Vec::with_capacity(specs.len());
-        for (i, spec) in specs.into_iter().enumerate() {
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
             if spec.secret.is_empty() {
                 return Err(PoolError::EmptySecret(i));
             }
             if spec.weight == 0 {
                 return Err(PoolError::ZeroWeight(spec.id()));
             }
-            if !unique.iter().any(|u| u.same_key(&spec)) {
-                unique.push(spec);
+            if seen.insert(identity(spec)) {
+                unique.push(spec.clone());
             }
         }
         let routes =
             RouteTable::build(&unique.iter().map(|s| s.models.clone()).collect::<Vec<_>>())?;
+        let earlier: HashMap<(&str, &str), &PoolKey> = previous
+            .map(|p| p.keys.iter().map(|k| (identity(&k.spec), &**k)).collect())
+            .unwrap_or_default();
+        let vtime = previous.map_or(0, |p| p.vtime.load(Ordering::Relaxed));
         let mut groups: Vec<Arc<ThrottleGroup>> = Vec::new();
         let mut keys = Vec::with_capacity(unique.len());
+        let mut tags = Vec::with_capacity(unique.len());
         for (index, spec) in unique.into_iter().enumerate() {
-            let state = previous
-                .and_then(|p| p.keys.iter().find(|k| k.spec.same_key(&spec)))
+            let before = earlier.get(&identity(&spec));
+            let state = before
                 .map(|k| k.state.clone())
                 .unwrap_or_else(|| Arc::new(KeyState::new(&spec, seed_of(&spec))));
+            // A key that stays keeps its place in the fair rotation; a new one starts at
+            // the virtual time, with no credit.
+            let tag = before.zip(previous).map_or(vtime, |(k, p)| {
+                p.tags[k.index as usize].load(Ordering::Relaxed)
+            });
+            tags.push(AtomicU64::new(tag));
             state.configure(&spec, config.per_key_rps, config.burst);
             let group = group_for(&mut groups, previous, &spec);
             keys.push(Arc::new(PoolKey {
@@ -249,7 +266,6 @@ impl KeyPool {
         }
         let global = previous.map_or_else(|| Arc::new(Gcra::unlimited()), |p| p.global.clone());
         global.set_rate(config.global_rps.unwrap_or(f64::INFINITY), config.burst);
-        let vtime = previous.map_or(0, |p| p.vtime.load(Ordering::Relaxed));
         let max_rpm = keys
             .iter()
             .filter_map(|k| k.state.requests.limit())
@@ -264,6 +280,7 @@ impl KeyPool {
             cursor: AtomicUsize::new(0),
             max_rpm: AtomicU64::new(max_rpm),
             vtime: AtomicU64::new(vtime),
+            tags: tags.into_boxed_slice(),
         })
     }
 
@@ -300,8 +317,7 @@ impl KeyPool {
     /// `round_robin_health_weighted` uses start-time fair queueing (Goyal, Vin & Cheng,
     /// 1996) with each key as a flow of share weight × health × rate: every lease advances
     /// its key's tag by `1 / share`, and the key with the smallest start tag
-    /// (`max(tag, virtual time)`) among the first [`FAIR_WINDOW`] candidates from a rotating
-    /// cursor wins. The key furthest behind its share, i.e. with the most headroom relative
+    /// (`max(tag, virtual time)`) among a window of [`FAIR_WINDOW`] candidates wins. The key furthest behind its share, i.e. with the most headroom relative
     /// to its own rate, goes first; a key held back by its pace keeps its turn instead of
     /// losing its share, but an idle key earns no credit.
     ///
@@ -429,6 +445,11 @@ impl KeyPool {
     }
 
     /// Start-time fair queueing over the candidates (see [`KeyPool::select`]).
+    ///
+    /// Reading a key's tag is one atomic load, while checking whether it can take the
+    /// request is a dozen; so the tags of a window of candidates are read first and only
+    /// then are keys checked, smallest tag first, usually just one. When none in a window
+    /// can take the request, the next window is tried.
     fn fair(
         &self,
         keys: &[KeyIndex],
@@ -438,45 +459,54 @@ impl KeyPool {
         why: &mut Why,
     ) -> Option<Lease> {
         let n = keys.len();
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        // Up to FAIR_WINDOW keys all fit one window. In a larger pool the windows slide
+        // over the keys with a shared cursor, so that every key is looked at in turn: a key
+        // never seen would fall behind the virtual time and lose its share.
+        let start = if n > FAIR_WINDOW {
+            self.cursor.fetch_add(1, Ordering::Relaxed) % n
+        } else {
+            0
+        };
         let vtime = f64::from_bits(self.vtime.load(Ordering::Acquire));
-        let mut best: Option<(f64, usize, Option<u64>)> = None;
-        let mut candidates = 0;
-        for step in 0..n {
-            let index = keys[(start + step) % n];
-            if !tier.admits(index) {
-                continue;
-            }
-            let key = &self.keys[index as usize];
-            let check = self.check(key, demand, now);
-            why.note(&check, index);
-            let Check::Ok {
-                key_trial,
-                group_trial,
-            } = check
-            else {
-                continue;
-            };
-            if key_trial.is_some() {
-                // A half-open circuit's single trial goes first, whatever the shares.
-                if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
-                    return Some(lease);
+        let mut window = [(0.0_f64, 0 as KeyIndex); FAIR_WINDOW];
+        let mut step = 0;
+        while step < n {
+            let mut len = 0;
+            while step < n && len < FAIR_WINDOW {
+                let index = keys[(start + step) % n];
+                step += 1;
+                if tier.admits(index) {
+                    let pass = self.tags[index as usize].load(Ordering::Acquire);
+                    window[len] = (f64::from_bits(pass).max(vtime), index);
+                    len += 1;
                 }
-                continue;
             }
-            let tag = f64::from_bits(key.state.pass.load(Ordering::Acquire)).max(vtime);
-            if best.is_none_or(|(b, ..)| tag < b) {
-                best = Some((tag, index as usize, group_trial));
-            }
-            candidates += 1;
-            if candidates == FAIR_WINDOW {
-                break;
+            while len > 0 {
+                // Smallest tag first; usually the first one checked takes the request.
+                let mut first = 0;
+                for i in 1..len {
+                    if window[i].0 < window[first].0 {
+                        first = i;
+                    }
+                }
+                let index = window[first].1;
+                len -= 1;
+                window.swap(first, len);
+                let key = &self.keys[index as usize];
+                let check = self.check(key, demand, now);
+                why.note(&check, index);
+                if let Check::Ok {
+                    key_trial,
+                    group_trial,
+                } = check
+                {
+                    if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
+                        return Some(lease);
+                    }
+                }
             }
         }
-        let (_, index, group_trial) = best?;
-        self.take(&self.keys[index], demand, now, None, group_trial)
-            // Another thread took its last cell or the group's probe: any key that can.
-            .or_else(|| self.rotate(keys, tier, demand, now, why))
+        None
     }
 
     /// A lease on `key` starts: its start tag is `max(tag, virtual time)`, which becomes the
@@ -486,15 +516,19 @@ impl KeyPool {
         let stride = 1.0 / self.share(key);
         let mut start = vtime;
         // The closure always returns Some, so the update cannot fail.
-        let _ = key
-            .state
-            .pass
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pass| {
+        let _ = self.tags[key.index as usize].fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |pass| {
                 start = f64::from_bits(pass).max(vtime);
                 Some((start + stride).to_bits())
-            });
-        // Non-negative floats order like their bit patterns.
-        self.vtime.fetch_max(start.to_bits(), Ordering::AcqRel);
+            },
+        );
+        // Non-negative floats order like their bit patterns. Most leases start at the
+        // virtual time itself; only a later start needs the shared write.
+        if start > vtime {
+            self.vtime.fetch_max(start.to_bits(), Ordering::AcqRel);
+        }
     }
 
     /// A key's share of the fair rotation: weight × health × requests per second (its pace;
@@ -504,7 +538,9 @@ impl KeyPool {
         let max_rpm = self.max_rpm.load(Ordering::Relaxed);
         let rate = match (state.requests.limit(), state.pace.rate_per_sec()) {
             (Some(rpm), Some(rate)) if rate > 0.0 => {
-                self.max_rpm.fetch_max(rpm, Ordering::Relaxed);
+                if rpm > max_rpm {
+                    self.max_rpm.fetch_max(rpm, Ordering::Relaxed);
+                }
                 rate
             }
             _ => max_rpm as f64 / 60.0,
@@ -558,7 +594,7 @@ impl KeyPool {
 
     /// Peak-EWMA latency × (in-flight + 1) / weight: lower is better.
     fn cost(&self, key: &PoolKey, now: Time) -> f64 {
-        let in_flight = f64::from(key.state.in_flight.load(Ordering::Relaxed));
+        let in_flight = key.state.requests.pending() as f64;
         key.state.latency.cost_nanos(now) * (in_flight + 1.0) / f64::from(key.spec.weight)
     }
 
@@ -741,13 +777,15 @@ fn honest(until: Time, now: Time) -> Time {
     }
 }
 
+/// A key's identity for de-duplication and reloads: same secret and url, same key.
+fn identity(spec: &KeySpec) -> (&str, &str) {
+    (spec.secret.expose(), normalize_url(&spec.url))
+}
+
 fn seed_of(spec: &KeySpec) -> u64 {
-    spec.id()
-        .as_str()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
+    let mut hasher = Fnv::default();
+    hasher.write(spec.id().as_str().as_bytes());
+    hasher.finish()
 }
 
 fn group_for(

@@ -229,7 +229,7 @@ fn key_snapshot(key: &PoolKey, now: Time) -> KeySnapshot {
         next_probe_secs: disabled
             .filter(|d| d.probe_at != Time::NEVER)
             .map(|d| secs_until(d.probe_at, now)),
-        in_flight: state.in_flight.load(Ordering::Relaxed),
+        in_flight: u32::try_from(state.requests.pending()).unwrap_or(u32::MAX),
         health: state.health.get(),
         latency_ms: state
             .latency

@@ -474,6 +474,28 @@ fn concurrent_select_and_record_keep_in_flight_exact() {
     );
 }
 
+/// In a pool larger than one selection window, equal keys still get equal shares over time.
+#[test]
+fn health_weighted_large_pool_shares_evenly() {
+    let n = 200;
+    let p = pool(
+        (0..n).map(|i| key(&format!("k{i}"), &["others"])).collect(),
+        Strategy::RoundRobinHealthWeighted,
+    );
+    let mut rng = SplitMix64::new(5);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 * n {
+        *counts
+            .entry(pick(&p, None, Time::ZERO, &mut rng).expect("key"))
+            .or_default() += 1;
+    }
+    assert_eq!(counts.len(), n);
+    assert!(
+        counts.values().all(|&c| (398..=402).contains(&c)),
+        "{counts:?}"
+    );
+}
+
 proptest! {
     /// Over k·n picks of n available keys, plain round robin gives each key k ± 1.
     #[test]
@@ -488,9 +510,10 @@ proptest! {
         prop_assert!(counts.values().all(|&c| c + 1 >= k && c <= k + 1), "{:?}", counts);
     }
 
-    /// Health-weighted rotation over equally healthy, equally weighted keys is as fair.
+    /// Health-weighted rotation over equally healthy, equally weighted keys is as fair,
+    /// whether the pool fits one selection window or not.
     #[test]
-    fn health_weighted_is_fair_when_keys_are_equal(n in 1usize..20, k in 1usize..20, seed in any::<u64>()) {
+    fn health_weighted_is_fair_when_keys_are_equal(n in 1usize..40, k in 1usize..20, seed in any::<u64>()) {
         let p = pool((0..n).map(|i| key(&format!("k{i}"), &["others"])).collect(), Strategy::RoundRobinHealthWeighted);
         let mut rng = SplitMix64::new(seed);
         let mut counts: HashMap<String, usize> = HashMap::new();
