@@ -35,6 +35,12 @@ impl Cooldown {
         self.until
     }
 
+    /// The provider asked (a 503's `Retry-After`) not to come back before `until`: extends
+    /// the rest without counting a 429 towards the header-less backoff.
+    pub fn rest_until(&mut self, until: Time) {
+        self.until = self.until.max(until);
+    }
+
     /// Whether no 429 streak is running (a success would change nothing).
     pub fn is_calm(&self) -> bool {
         self.streak == 0
@@ -114,6 +120,21 @@ mod tests {
         assert_eq!(rests, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
         c.succeeded();
         assert_eq!(c.rate_limited(&none, now), now + BASE);
+    }
+
+    #[test]
+    fn a_503_rest_does_not_count_as_a_429() {
+        let mut c = Cooldown::default();
+        c.rest_until(Time::from_secs(30));
+        assert_eq!(c.until(), Time::from_secs(30));
+        assert!(c.is_calm());
+        c.rest_until(Time::from_secs(10));
+        assert_eq!(c.until(), Time::from_secs(30), "a later deadline wins");
+        let none = RateLimitHeaders::default();
+        assert_eq!(
+            c.rate_limited(&none, Time::from_secs(40)),
+            Time::from_secs(41)
+        );
     }
 
     proptest! {

@@ -277,11 +277,7 @@ impl KeyState {
             Outcome::Upstream { retry_after, .. } => {
                 self.health.penalize(penalty);
                 if let Some(rest) = retry_after {
-                    let limits = RateLimitHeaders {
-                        retry_after: Some(*rest),
-                        ..RateLimitHeaders::default()
-                    };
-                    policy.cooldown.rate_limited(&limits, now);
+                    policy.cooldown.rest_until(now + *rest);
                 }
                 let jitter = self
                     .jitter

@@ -10,6 +10,7 @@ use std::hash::Hasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::gcra::Gcra;
 use crate::key::{KeyId, KeySpec, normalize_url};
@@ -53,6 +54,11 @@ pub struct PoolConfig {
     pub global_rps: Option<f64>,
     /// Burst of the local limiters.
     pub burst: NonZeroU32,
+    /// How long callers wait for a key to free up (the server's `rate_limit.max_wait_ms`).
+    /// The pool promises keys' next cells to waiting requests up to this far ahead; a
+    /// request told to come back later is refused, and a promise it did not take would only
+    /// delay the requests after it.
+    pub max_wait: Duration,
 }
 
 impl Default for PoolConfig {
@@ -63,6 +69,7 @@ impl Default for PoolConfig {
             per_key_rps: None,
             global_rps: None,
             burst: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            max_wait: Duration::from_secs(5),
         }
     }
 }
@@ -188,13 +195,8 @@ impl Why {
 /// when keys are free.
 pub const FAIR_WINDOW: usize = 16;
 
-/// How far ahead the pool promises a key's next cells to waiting requests (the server's
-/// default `rate_limit.max_wait_ms`). A request told to come back later than this is
-/// refused, and a promise it did not take would only delay the requests after it.
-pub const PROMISE_HORIZON: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// A gate value that means "a trial is under way": report a short, honest wait.
-const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const PENDING_WAIT: Duration = Duration::from_secs(1);
 
 impl KeyPool {
     /// Builds a pool with fresh state for every key.
@@ -324,7 +326,7 @@ impl KeyPool {
     /// When no key can take it, [`NoKey::Busy`] says when one can: for each key, the instant
     /// its rest (and its group's) is over, its budget covers the request and its pace has a
     /// cell not yet promised to another waiting request; the earliest of those. If that is
-    /// within [`PROMISE_HORIZON`], the key's cell is promised to this request: only a count
+    /// within [`PoolConfig::max_wait`], the key's cell is promised to this request: only a count
     /// per key, so the next request that has to wait is told the cell after it, and whoever
     /// takes a key's cell while some are promised takes the earliest promise. Requests that
     /// wait are thus spread over the coming cells in order instead of all waking at the
@@ -363,7 +365,7 @@ impl KeyPool {
         }
         self.global.refund();
         if let (Some(index), Some(until)) = (why.paced, why.until) {
-            if until.saturating_since(now) <= PROMISE_HORIZON {
+            if until.saturating_since(now) <= self.config.max_wait {
                 // The request will come back then for that key's cell: whoever asks next is
                 // told the cell after it.
                 let held = &self.keys[index as usize].state.held;
@@ -601,12 +603,14 @@ impl KeyPool {
     /// Whether `key` can take the request now, without changing anything.
     fn check(&self, key: &PoolKey, demand: &Demand<'_>, now: Time) -> Check {
         use crate::gate::Pass;
-        if demand.exclude.contains(&key.index) {
-            return Check::Excluded;
-        }
         let state = &key.state;
+        // Disabled before excluded: a key tried and then rejected in this request counts as
+        // disabled, so a pool that rejected every key says so rather than "all tried".
         if state.disabled.load(Ordering::Acquire) {
             return Check::Disabled;
+        }
+        if demand.exclude.contains(&key.index) {
+            return Check::Excluded;
         }
         let mut rest = now;
         let key_trial = match state.gate.check(now) {
