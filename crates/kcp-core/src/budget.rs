@@ -288,7 +288,12 @@ pub fn estimate_tokens(
 ) -> u64 {
     (prompt_bytes as u64 / 4)
         .saturating_add(max_completion.unwrap_or(u64::from(default_completion)))
+        .min(MAX_TOKENS)
 }
+
+/// The most tokens one request is counted for. A client can write any `max_tokens`; no
+/// model takes more than this, and the budget arithmetic must never come near overflow.
+pub const MAX_TOKENS: u64 = 1 << 32;
 
 #[cfg(test)]
 mod tests {
@@ -413,6 +418,11 @@ mod tests {
         }
         assert_eq!(p.factor(), 1.0);
         assert_eq!(p.rate_per_sec(120), 2.0);
+    }
+
+    #[test]
+    fn token_estimate_is_bounded() {
+        assert_eq!(estimate_tokens(0, Some(u64::MAX), 256), MAX_TOKENS);
     }
 
     #[test]

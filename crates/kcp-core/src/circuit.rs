@@ -26,13 +26,22 @@ pub struct Circuit {
 }
 
 impl Circuit {
-    /// An upstream failure. `jitter` is uniform in `[0, 1)`. Returns the end of the open
+    /// An upstream failure of a request that was (`trial`) or was not the half-open
+    /// circuit's single trial. `jitter` is uniform in `[0, 1)`. Returns the end of the open
     /// period when this failure opened (or re-opened) the circuit.
-    pub fn failed(&mut self, now: Time, jitter: f64) -> Option<Time> {
-        self.failures = self.failures.saturating_add(1);
-        let trial_failed = self.open_until.is_some();
-        if self.failures < FAILURES_TO_OPEN && !trial_failed {
-            return None;
+    ///
+    /// While the circuit is open only the trial speaks for the key: requests sent before it
+    /// opened report failures from then, which must not stretch the open period.
+    pub fn failed(&mut self, now: Time, jitter: f64, trial: bool) -> Option<Time> {
+        if self.open_until.is_some() {
+            if !trial {
+                return None;
+            }
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            if self.failures < FAILURES_TO_OPEN {
+                return None;
+            }
         }
         let ceiling = (BASE_OPEN * 2u32.pow(self.opens.min(8))).min(MAX_OPEN);
         let open = ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
@@ -42,11 +51,21 @@ impl Circuit {
         Some(until)
     }
 
-    /// A success: closes the circuit. Returns whether it was open (or half-open).
-    pub fn succeeded(&mut self) -> bool {
+    /// A success of a request that was (`trial`) or was not the trial. Closes the circuit,
+    /// except for a late success while it is open: only the trial closes an open circuit.
+    /// Returns whether it closed an open (or half-open) circuit.
+    pub fn succeeded(&mut self, trial: bool) -> bool {
         let was_open = self.open_until.is_some();
+        if was_open && !trial {
+            return false;
+        }
         *self = Circuit::default();
         was_open
+    }
+
+    /// Closes the circuit whatever its state (an operator re-enabled the key).
+    pub fn reset(&mut self) {
+        *self = Circuit::default();
     }
 
     /// The end of the open period, while the circuit is open or half-open.
@@ -64,16 +83,22 @@ mod tests {
         let mut c = Circuit::default();
         let now = Time::from_secs(100);
         for _ in 0..4 {
-            assert_eq!(c.failed(now, 0.0), None);
+            assert_eq!(c.failed(now, 0.0, false), None);
         }
-        let first = c.failed(now, 0.999).expect("fifth failure opens");
+        let first = c.failed(now, 0.999, false).expect("fifth failure opens");
         assert!(first > now + Duration::from_millis(4900) && first <= now + BASE_OPEN);
+        // Late failures of requests sent before it opened change nothing.
+        for _ in 0..10 {
+            assert_eq!(c.failed(first, 0.999, false), None);
+        }
+        assert!(!c.succeeded(false), "only the trial closes an open circuit");
         // The single trial fails: open again, for longer.
-        let second = c.failed(first, 0.999).expect("failed trial reopens");
+        let second = c.failed(first, 0.999, true).expect("failed trial reopens");
         assert!(second.saturating_since(first) > Duration::from_secs(9));
-        assert!(c.succeeded());
+        assert!(second.saturating_since(first) <= BASE_OPEN * 2);
+        assert!(c.succeeded(true));
         assert_eq!(c.open_until(), None);
-        assert_eq!(c.failed(now, 0.0), None, "success resets the count");
+        assert_eq!(c.failed(now, 0.0, false), None, "success resets the count");
     }
 
     #[test]
@@ -81,10 +106,10 @@ mod tests {
         let mut c = Circuit::default();
         let mut now = Time::ZERO;
         for _ in 0..4 {
-            c.failed(now, 0.0);
+            c.failed(now, 0.0, false);
         }
-        for _ in 0..20 {
-            let until = c.failed(now, 0.0).expect("open");
+        for i in 0..20 {
+            let until = c.failed(now, 0.0, i > 0).expect("open");
             let open = until.saturating_since(now);
             assert!(open >= MAX_OPEN / 2 || open >= BASE_OPEN / 2);
             assert!(open <= MAX_OPEN);

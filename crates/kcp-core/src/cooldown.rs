@@ -15,6 +15,9 @@ use crate::time::Time;
 pub const BASE: Duration = Duration::from_secs(1);
 /// Longest rest without headers.
 pub const MAX: Duration = Duration::from_secs(60);
+/// Longest rest a provider can order: a day (daily limits reset within one). A larger or
+/// garbled `Retry-After` must not park a key for centuries.
+pub const MAX_PROVIDER_REST: Duration = Duration::from_secs(24 * 3600);
 
 /// A key's rate-limit rest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,10 +29,12 @@ pub struct Cooldown {
 impl Cooldown {
     /// A 429 at `now`: extends the rest and returns the deadline now in force.
     pub fn rate_limited(&mut self, limits: &RateLimitHeaders, now: Time) -> Time {
-        let rest = provider_rest(limits).unwrap_or_else(|| {
-            let doublings = self.streak.min(16);
-            (BASE * 2u32.pow(doublings)).min(MAX)
-        });
+        let rest = provider_rest(limits)
+            .map(|r| r.min(MAX_PROVIDER_REST))
+            .unwrap_or_else(|| {
+                let doublings = self.streak.min(16);
+                (BASE * 2u32.pow(doublings)).min(MAX)
+            });
         self.streak = self.streak.saturating_add(1);
         self.until = self.until.max(now + rest);
         self.until
@@ -37,8 +42,8 @@ impl Cooldown {
 
     /// The provider asked (a 503's `Retry-After`) not to come back before `until`: extends
     /// the rest without counting a 429 towards the header-less backoff.
-    pub fn rest_until(&mut self, until: Time) {
-        self.until = self.until.max(until);
+    pub fn rest_until(&mut self, now: Time, rest: Duration) {
+        self.until = self.until.max(now + rest.min(MAX_PROVIDER_REST));
     }
 
     /// Whether no 429 streak is running (a success would change nothing).
@@ -125,16 +130,31 @@ mod tests {
     #[test]
     fn a_503_rest_does_not_count_as_a_429() {
         let mut c = Cooldown::default();
-        c.rest_until(Time::from_secs(30));
+        c.rest_until(Time::ZERO, Duration::from_secs(30));
         assert_eq!(c.until(), Time::from_secs(30));
         assert!(c.is_calm());
-        c.rest_until(Time::from_secs(10));
+        c.rest_until(Time::ZERO, Duration::from_secs(10));
         assert_eq!(c.until(), Time::from_secs(30), "a later deadline wins");
         let none = RateLimitHeaders::default();
         assert_eq!(
             c.rate_limited(&none, Time::from_secs(40)),
             Time::from_secs(41)
         );
+    }
+
+    #[test]
+    fn absurd_provider_rests_are_capped_at_a_day() {
+        let mut c = Cooldown::default();
+        let limits = RateLimitHeaders {
+            retry_after: Some(Duration::MAX),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.rate_limited(&limits, Time::ZERO),
+            Time::ZERO + MAX_PROVIDER_REST
+        );
+        c.rest_until(Time::ZERO, Duration::MAX);
+        assert_eq!(c.until(), Time::ZERO + MAX_PROVIDER_REST);
     }
 
     proptest! {

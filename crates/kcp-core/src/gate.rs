@@ -67,7 +67,7 @@ impl Gate {
         let raw = match until {
             None => 0,
             Some(t) if trial => (t.as_nanos() | TRIAL).min(Self::PENDING - 1) | TRIAL,
-            Some(t) => t.as_nanos().max(2) & !TRIAL,
+            Some(t) => t.as_nanos().clamp(2, Self::PENDING - 2) & !TRIAL,
         };
         self.0.store(raw, Ordering::Release);
     }

@@ -74,7 +74,13 @@ impl KeySpec {
 
     /// Whether `other` names the same key: same secret and same url.
     pub fn same_key(&self, other: &KeySpec) -> bool {
-        self.secret == other.secret && normalize_url(&self.url) == normalize_url(&other.url)
+        self.identity() == other.identity()
+    }
+
+    /// What makes a key itself, for hashing: the secret and the normalized url. Internal:
+    /// it holds the secret.
+    pub(crate) fn identity(&self) -> (&str, &str) {
+        (self.secret.expose(), normalize_url(&self.url))
     }
 
     /// The stable, non-secret id: the name, else the secret's fingerprint.
@@ -86,9 +92,11 @@ impl KeySpec {
     }
 }
 
-/// The url without a trailing slash, so `https://h/v1/` and `https://h/v1` are one upstream.
+/// The url without a trailing slash or `/v1`: `https://h`, `https://h/v1` and
+/// `https://h/v1/` are one upstream (requests to all three go to `https://h/v1/...`).
 pub(crate) fn normalize_url(url: &str) -> &str {
-    url.trim_end_matches('/')
+    let url = url.trim_end_matches('/');
+    url.strip_suffix("/v1").unwrap_or(url).trim_end_matches('/')
 }
 
 /// A key's public identity: its name or fingerprint. Safe to log, label and show.
@@ -130,7 +138,9 @@ mod tests {
         let a = KeySpec::new(Secret::new("sk-a"), "https://api.openai.com/v1");
         let b = KeySpec::new(Secret::new("sk-a"), "https://api.openai.com/v1/").with_name("x");
         let c = KeySpec::new(Secret::new("sk-a"), "https://other.example/v1");
+        let d = KeySpec::new(Secret::new("sk-a"), "https://api.openai.com");
         assert!(a.same_key(&b));
+        assert!(a.same_key(&d));
         assert!(!a.same_key(&c));
     }
 

@@ -9,6 +9,7 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use crate::budget::{Gauge, PACE_BURST, Pace};
 use crate::circuit::Circuit;
@@ -107,8 +108,8 @@ pub(crate) struct Sent {
 pub(crate) enum Trial {
     #[default]
     None,
-    /// The half-open circuit's trial (holds the gate value it replaced).
-    Circuit(u64),
+    /// The half-open circuit's single trial.
+    Circuit,
     /// A disabled key's re-check.
     Probe,
 }
@@ -119,7 +120,12 @@ struct Policy {
     circuit: Circuit,
     disabled: Option<Disabled>,
     pace: Pace,
+    /// When a re-check last brought the key back, and the wait it had been on.
+    recovered: Option<(Time, Duration)>,
 }
+
+/// A key rejected again within this long of a re-check bringing it back has relapsed.
+pub const RELAPSE_WINDOW: Duration = Duration::from_secs(600);
 
 impl Policy {
     /// At rest: no 429 streak, circuit closed with no failures counted, enabled, full pace.
@@ -254,8 +260,14 @@ impl KeyState {
                 policy.cooldown.succeeded();
                 policy.pace.grow();
                 self.repace(&policy.pace);
-                let closed = policy.circuit.succeeded();
-                if trial == Trial::Probe && policy.disabled.take().is_some() {
+                let closed = policy.circuit.succeeded(trial == Trial::Circuit);
+                let probed = policy
+                    .disabled
+                    .filter(|d| trial == Trial::Probe && d.reason != DisableReason::Manual);
+                if let Some(disabled) = probed {
+                    // Remember the wait in force: a relapse soon after continues from it.
+                    policy.recovered = Some((now, disabled.backoff()));
+                    policy.disabled = None;
                     self.disabled.store(false, Ordering::Release);
                     Some(StateChange::Enabled)
                 } else {
@@ -277,7 +289,7 @@ impl KeyState {
             Outcome::Upstream { retry_after, .. } => {
                 self.health.penalize(penalty);
                 if let Some(rest) = retry_after {
-                    policy.cooldown.rest_until(now + *rest);
+                    policy.cooldown.rest_until(now, *rest);
                 }
                 let jitter = self
                     .jitter
@@ -286,7 +298,7 @@ impl KeyState {
                     .unit();
                 policy
                     .circuit
-                    .failed(now, jitter)
+                    .failed(now, jitter, trial == Trial::Circuit)
                     .map(|until| StateChange::CircuitOpened { until })
             }
             Outcome::RequestError { limits, .. } => {
@@ -296,7 +308,11 @@ impl KeyState {
             Outcome::Cancelled => None,
         };
         self.calm.store(policy.is_calm(), Ordering::Release);
-        self.publish(&policy, now);
+        if trial == Trial::Circuit || !self.gate.trial_pending() {
+            // While a trial is under way only its own outcome may reopen the gate: anything
+            // else republishing it would let a second trial through.
+            self.publish(&policy, now);
+        }
         change
     }
 
@@ -308,13 +324,21 @@ impl KeyState {
         now: Time,
     ) -> Option<StateChange> {
         match (&mut policy.disabled, trial) {
+            // An operator's disable stands until the operator lifts it.
+            (Some(disabled), _) if disabled.reason == DisableReason::Manual => None,
             (Some(disabled), Trial::Probe) => {
                 disabled.probe_failed(reason, now);
                 None
             }
             (Some(_), _) => None,
             (None, _) => {
-                policy.disabled = Some(Disabled::new(reason, now));
+                let disabled = match policy.recovered.take() {
+                    Some((at, backoff)) if now.saturating_since(at) <= RELAPSE_WINDOW => {
+                        Disabled::relapse(reason, now, backoff)
+                    }
+                    _ => Disabled::new(reason, now),
+                };
+                policy.disabled = Some(disabled);
                 self.disabled.store(true, Ordering::Release);
                 Some(StateChange::Disabled { reason })
             }
@@ -362,7 +386,8 @@ impl KeyState {
         } else {
             let was = policy.disabled.take().is_some();
             policy.cooldown.clear();
-            policy.circuit.succeeded();
+            policy.circuit.reset();
+            policy.recovered = None;
             self.disabled.store(false, Ordering::Release);
             was.then_some(StateChange::Enabled)
         };

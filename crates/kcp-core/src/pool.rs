@@ -109,6 +109,17 @@ pub struct Demand<'a> {
     pub exclude: &'a [KeyIndex],
 }
 
+impl Demand<'_> {
+    /// The demand with its token estimate capped at [`crate::budget::MAX_TOKENS`], whatever
+    /// the client wrote as `max_tokens`.
+    fn bounded(&self) -> Self {
+        Demand {
+            tokens: self.tokens.min(crate::budget::MAX_TOKENS),
+            ..*self
+        }
+    }
+}
+
 /// Why no key can take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoKey {
@@ -224,21 +235,21 @@ impl KeyPool {
             if spec.weight == 0 {
                 return Err(PoolError::ZeroWeight(spec.id()));
             }
-            if seen.insert(identity(spec)) {
+            if seen.insert(spec.identity()) {
                 unique.push(spec.clone());
             }
         }
         let routes =
             RouteTable::build(&unique.iter().map(|s| s.models.clone()).collect::<Vec<_>>())?;
         let earlier: HashMap<(&str, &str), &PoolKey> = previous
-            .map(|p| p.keys.iter().map(|k| (identity(&k.spec), &**k)).collect())
+            .map(|p| p.keys.iter().map(|k| (k.spec.identity(), &**k)).collect())
             .unwrap_or_default();
         let vtime = previous.map_or(0, |p| p.vtime.load(Ordering::Relaxed));
         let mut groups: Vec<Arc<ThrottleGroup>> = Vec::new();
         let mut keys = Vec::with_capacity(unique.len());
         let mut tags = Vec::with_capacity(unique.len());
         for (index, spec) in unique.into_iter().enumerate() {
-            let before = earlier.get(&identity(&spec));
+            let before = earlier.get(&spec.identity());
             let state = before
                 .map(|k| k.state.clone())
                 .unwrap_or_else(|| Arc::new(KeyState::new(&spec, seed_of(&spec))));
@@ -338,6 +349,7 @@ impl KeyPool {
         now: Time,
         rng: &mut R,
     ) -> Result<Lease, NoKey> {
+        let demand = &demand.bounded();
         let route = self.routes.lookup(demand.model);
         if route.is_empty() {
             return Err(NoKey::NoRoute);
@@ -379,6 +391,7 @@ impl KeyPool {
     /// it and is not disabled. Objects created through one key (files, batches, threads)
     /// live in its account, so stateful endpoints must keep going there.
     pub fn select_home(&self, demand: &Demand<'_>, now: Time) -> Result<Lease, NoKey> {
+        let demand = &demand.bounded();
         let route = self.routes.lookup(demand.model);
         if route.is_empty() {
             return Err(NoKey::NoRoute);
@@ -698,7 +711,11 @@ impl KeyPool {
             .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| h.checked_sub(1));
         self.advance(key);
-        let trial = key_trial.map_or(Trial::None, Trial::Circuit);
+        let trial = if key_trial.is_some() {
+            Trial::Circuit
+        } else {
+            Trial::None
+        };
         Some(Lease::new(
             key.clone(),
             demand.tokens,
@@ -779,11 +796,6 @@ fn honest(until: Time, now: Time) -> Time {
     } else {
         until
     }
-}
-
-/// A key's identity for de-duplication and reloads: same secret and url, same key.
-fn identity(spec: &KeySpec) -> (&str, &str) {
-    (spec.secret.expose(), normalize_url(&spec.url))
 }
 
 fn seed_of(spec: &KeySpec) -> u64 {

@@ -44,6 +44,24 @@ impl Disabled {
         }
     }
 
+    /// A key that a re-check brought back at some point was rejected again soon after:
+    /// the re-check was fooled (a free endpoint answers for a key whose quota is spent), so
+    /// the wait doubles from the one before instead of starting again at a minute.
+    pub fn relapse(reason: DisableReason, now: Time, previous_backoff: Duration) -> Self {
+        let backoff = (previous_backoff * 2).clamp(FIRST_PROBE, MAX_PROBE);
+        Disabled {
+            reason,
+            since: now,
+            probe_at: now + backoff,
+            backoff,
+        }
+    }
+
+    /// The wait before the next re-check.
+    pub fn backoff(&self) -> Duration {
+        self.backoff
+    }
+
     /// A re-check started at `now` failed again: wait twice as long.
     pub fn probe_failed(&mut self, reason: DisableReason, now: Time) {
         self.reason = reason;
@@ -79,6 +97,14 @@ mod tests {
             now = d.probe_at;
         }
         assert_eq!(waits, vec![120, 240, 480, 960, 1920, 3600, 3600, 3600]);
+    }
+
+    #[test]
+    fn a_relapse_doubles_the_previous_wait() {
+        let d = Disabled::relapse(DisableReason::QuotaExhausted, Time::ZERO, FIRST_PROBE);
+        assert_eq!(d.probe_at, Time::from_secs(120));
+        let d = Disabled::relapse(DisableReason::QuotaExhausted, Time::ZERO, MAX_PROBE);
+        assert_eq!(d.backoff(), MAX_PROBE);
     }
 
     #[test]

@@ -523,3 +523,93 @@ proptest! {
         prop_assert!(counts.values().all(|&c| c + 1 >= k && c <= k + 1), "{:?}", counts);
     }
 }
+
+#[test]
+fn late_outcomes_neither_stretch_an_open_circuit_nor_let_a_second_trial_through() {
+    let p = pool(vec![key("a", &["others"])], Strategy::RoundRobin);
+    let mut rng = SplitMix64::new(1);
+    let t0 = Time::from_secs(1);
+    let fail = || Outcome::Upstream {
+        failure: UpstreamFailure::Status(502),
+        retry_after: None,
+    };
+    // Eleven requests in flight when the provider blips; one answers only much later.
+    let mut leases: Vec<_> = (0..11)
+        .map(|_| p.select(&Demand::default(), t0, &mut rng).expect("closed"))
+        .collect();
+    let late = leases.pop().expect("eleven");
+    let mut opened = Vec::new();
+    for lease in leases {
+        for change in lease.record(fail(), t0).iter() {
+            if let StateChange::CircuitOpened { until } = change {
+                opened.push(until);
+            }
+        }
+    }
+    assert_eq!(opened.len(), 1, "only the fifth failure opens: {opened:?}");
+    let until = opened[0];
+    assert!(until <= t0 + kcp_core::circuit::BASE_OPEN);
+    let straggler = p.select(&Demand::default(), t0, &mut rng);
+    assert!(straggler.is_err(), "open circuit takes nothing");
+    // The trial goes; an outcome of another lease must not open the gate for a second one.
+    let trial = p
+        .select(&Demand::default(), until, &mut rng)
+        .expect("trial");
+    assert!(
+        late.record(fail(), until).is_empty(),
+        "a late failure changes nothing"
+    );
+    assert!(
+        p.select(&Demand::default(), until, &mut rng).is_err(),
+        "one trial at a time"
+    );
+    assert!(
+        trial
+            .record(ok(), until)
+            .iter()
+            .any(|c| c == StateChange::CircuitClosed)
+    );
+}
+
+#[test]
+fn a_key_rejected_again_soon_after_its_recheck_waits_twice_as_long() {
+    let p = pool(vec![key("a", &["others"])], Strategy::RoundRobin);
+    let mut rng = SplitMix64::new(1);
+    let quota = || Outcome::KeyRejected {
+        reason: DisableReason::QuotaExhausted,
+    };
+    let t0 = Time::from_secs(10);
+    p.select(&Demand::default(), t0, &mut rng)
+        .expect("key")
+        .record(quota(), t0);
+    // The re-check (a free endpoint) succeeds although the quota is still spent.
+    let due = t0 + Duration::from_secs(60);
+    p.probe(0, due).expect("due").record(ok(), due);
+    let again = due + Duration::from_secs(1);
+    p.select(&Demand::default(), again, &mut rng)
+        .expect("back in rotation")
+        .record(quota(), again);
+    assert!(p.due_probes(again + Duration::from_secs(119)).is_empty());
+    assert_eq!(p.due_probes(again + Duration::from_secs(120)), vec![0]);
+}
+
+#[test]
+fn an_operator_disable_survives_a_recheck_in_flight() {
+    let p = pool(vec![key("a", &["others"])], Strategy::RoundRobin);
+    let mut rng = SplitMix64::new(1);
+    let t0 = Time::from_secs(1);
+    p.select(&Demand::default(), t0, &mut rng)
+        .expect("key")
+        .record(
+            Outcome::KeyRejected {
+                reason: DisableReason::Unauthorized,
+            },
+            t0,
+        );
+    let due = t0 + Duration::from_secs(60);
+    let probe = p.probe(0, due).expect("due");
+    p.set_disabled("a", true, due);
+    probe.record(ok(), due);
+    assert_eq!(status_of(&p, "a", due), KeyStatus::Disabled);
+    assert!(p.due_probes(due + Duration::from_secs(86_400)).is_empty());
+}
