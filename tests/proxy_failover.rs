@@ -9,7 +9,9 @@ use http::StatusCode;
 use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
 use key_cycle_proxy::server::clock;
 use key_cycle_proxy::server::proxy::probe;
-use support::proxy_harness::{Proxy, Reply, closed_port_url, start_proxy};
+use support::proxy_harness::{
+    Proxy, Reply, closed_port_url, loaded_config, resolved_key, start_loaded, start_proxy,
+};
 use support::{Behaviour, MockUpstream};
 
 const KEY_A: &str = "sk-test-alpha-000000000001";
@@ -360,6 +362,77 @@ async fn a_503_retry_after_beyond_the_cap_is_passed_through() {
     assert!(reply.text().contains("down for maintenance"));
     assert_eq!(mock.calls().len(), 1);
     assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+/// Keys A and B on `mock`, in that order, with these rpm and weights (A first on a tie).
+async fn paced_keys(mock: &MockUpstream, keys: [(&str, Option<u32>, u32); 2]) -> Proxy {
+    let mut loaded = loaded_config(vec![], |_| {});
+    for (key, rpm, weight) in keys {
+        let mut key = resolved_key(key, &mock.url(), &["others"]);
+        key.rpm = rpm;
+        key.weight = weight;
+        loaded.keys.push(key);
+    }
+    start_loaded(loaded).await
+}
+
+fn keys_called(mock: &MockUpstream) -> Vec<String> {
+    mock.calls()
+        .into_iter()
+        .map(|c| c.key.expect("a key"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retry_that_finds_every_key_briefly_busy_waits_instead_of_giving_up() {
+    let mock = MockUpstream::start().await;
+    mock.script(KEY_B, vec![Behaviour::status(500)]);
+    // 60 rpm: one request a second each.
+    let proxy = paced_keys(&mock, [(KEY_A, Some(60), 1), (KEY_B, Some(60), 1)]).await;
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    let started = Instant::now();
+    // A is paced, so B serves and fails; the retry finds both keys paced. The pool promises
+    // the request A's next cell: the request waits for it rather than asking again (and
+    // being promised B's as well) and giving up.
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "waited for A"
+    );
+    assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_A]);
+}
+
+#[tokio::test]
+async fn a_retry_waits_for_an_untried_key_that_frees_up_soon() {
+    let mock = MockUpstream::start().await;
+    mock.script(KEY_B, vec![Behaviour::status(500)]);
+    let proxy = paced_keys(&mock, [(KEY_A, Some(60), 2), (KEY_B, None, 1)]).await;
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    let started = Instant::now();
+    // A is paced, B fails. A's next cell is promised to the retry, which takes it instead
+    // of going back to B and leaving the promise to delay the requests after it.
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "waited for A"
+    );
+    assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_A]);
+}
+
+#[tokio::test]
+async fn a_retry_goes_back_to_the_failed_key_when_the_others_rest_long() {
+    let mock = MockUpstream::start().await;
+    mock.script(KEY_A, vec![Behaviour::rate_limited_secs(30)]);
+    mock.script(KEY_B, vec![Behaviour::Ok, Behaviour::status(500)]);
+    let proxy = two_keys(&mock, |_| {}).await;
+    // A rests for 30 s, beyond max_wait: B's failure is retried on B at once.
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    let started = Instant::now();
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_B, KEY_B]);
 }
 
 #[tokio::test]

@@ -357,6 +357,128 @@ async fn stateful_endpoints_stick_to_the_home_key() {
 }
 
 #[tokio::test]
+async fn the_upstream_is_asked_for_uncompressed_answers() {
+    let mock = MockUpstream::start().await;
+    let proxy = one_key(&mock).await;
+    // httpx sends `gzip, deflate`, undici `gzip, deflate, br`: a compressed 429 body could
+    // not be read to tell an exhausted quota from a rate limit.
+    let headers = [
+        ("content-type", "application/json"),
+        ("accept-encoding", "gzip, deflate, br"),
+    ];
+    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    let request = proxy.request(Method::POST, "/v1/chat/completions", &headers, body);
+    assert_eq!(proxy.call(request).await.status, StatusCode::OK);
+    let sent = &mock.calls()[0].headers;
+    let encodings: Vec<&str> = sent
+        .get_all("accept-encoding")
+        .iter()
+        .map(|v| v.to_str().expect("ASCII"))
+        .collect();
+    assert_eq!(encodings, ["identity"]);
+}
+
+#[tokio::test]
+async fn organization_and_project_are_the_keys_in_both_directions() {
+    let mock = MockUpstream::start().await;
+    mock.set(
+        KEY_A,
+        Behaviour::Status {
+            status: 200,
+            body: r#"{"ok":true}"#.to_owned(),
+            headers: vec![
+                (
+                    "openai-organization".to_owned(),
+                    "org-pool-account".to_owned(),
+                ),
+                ("openai-project".to_owned(), "proj_pool_account".to_owned()),
+                ("openai-processing-ms".to_owned(), "42".to_owned()),
+            ],
+        },
+    );
+    // The key's config names no organization or project.
+    let proxy = one_key(&mock).await;
+    let headers = [
+        ("content-type", "application/json"),
+        ("openai-organization", "org-chosen-by-client"),
+        ("openai-project", "proj_chosen_by_client"),
+    ];
+    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    let request = proxy.request(Method::POST, "/v1/chat/completions", &headers, body);
+    let reply = proxy.call(request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let sent = &mock.calls()[0].headers;
+    assert!(sent.get("openai-organization").is_none(), "{sent:?}");
+    assert!(sent.get("openai-project").is_none(), "{sent:?}");
+    assert!(reply.header("openai-organization").is_none());
+    assert!(reply.header("openai-project").is_none());
+    assert_eq!(reply.header("openai-processing-ms"), Some("42"));
+}
+
+#[tokio::test]
+async fn stored_chat_completions_stick_to_the_home_key() {
+    let mock = MockUpstream::start().await;
+    let proxy = start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["others"]),
+            (KEY_B, mock.url(), vec!["others"]),
+            (KEY_C, mock.url(), vec!["others"]),
+        ],
+        |_| {},
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(
+            proxy.get("/v1/chat/completions/chatcmpl-abc").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        proxy.get("/v1/chat/completions?limit=5").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        proxy
+            .get("/v1/chat/completions/chatcmpl-abc/messages")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let update = r#"{"metadata":{"topic":"test"}}"#;
+    assert_eq!(
+        proxy
+            .post("/v1/chat/completions/chatcmpl-abc", update)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let delete = proxy.request(
+        Method::DELETE,
+        "/v1/chat/completions/chatcmpl-abc",
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!(proxy.call(delete).await.status, StatusCode::OK);
+    let keys: Vec<Option<String>> = mock.calls().iter().map(|c| c.key.clone()).collect();
+    assert_eq!(keys.len(), 8);
+    assert!(
+        keys.iter().all(|k| k.as_deref() == Some(KEY_A)),
+        "every stored-completion call on the home key: {keys:?}"
+    );
+
+    // Creating completions still rotates.
+    for _ in 0..6 {
+        assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    }
+    let created = &mock.calls()[8..];
+    let spread = [KEY_A, KEY_B, KEY_C]
+        .iter()
+        .filter(|k| created.iter().any(|c| c.key.as_deref() == Some(**k)))
+        .count();
+    assert!(spread >= 2, "new completions rotate over keys");
+}
+
+#[tokio::test]
 async fn two_hundred_concurrent_requests_all_succeed() {
     let mock = MockUpstream::start().await;
     let proxy = start_proxy(

@@ -37,7 +37,11 @@ async fn main() -> ExitCode {
         return exit_code(ConfigError::EXIT_CODE);
     }
     logging::log_panics();
-    tracing::info!(keys = loaded.sources.total(), "configuration loaded: {}", loaded.sources);
+    tracing::info!(
+        keys = loaded.sources.total(),
+        "configuration loaded: {}",
+        loaded.sources
+    );
     let signals = match Signals::new() {
         Ok(signals) => signals,
         Err(error) => {

@@ -6,20 +6,27 @@
 //! - success and request-class answers (other 4xx) pass to the client unchanged, after
 //!   exactly one upstream call;
 //! - key-class answers (401, 402, 403, 429) move on to the next eligible key at once. Each
-//!   key is tried at most once per request and this costs no retry. Their bodies (a 401
-//!   quotes a masked fragment of the key) never reach the client;
+//!   key is tried at most once per round (between waits) and this costs no retry. Their
+//!   bodies (a 401 quotes a masked fragment of the key) never reach the client;
 //! - upstream-class failures (connect/TLS, no headers in time, 500/502/503/504) are retried
 //!   up to `upstream.max_retries` times after a jittered backoff, preferring a key not tried
-//!   yet and allowing the same key again when none is left. A 503's `Retry-After` is waited
-//!   out, unless it exceeds `retry_max_backoff_ms`: then the 503 is passed through. When
-//!   retries run out the last upstream answer is passed through, so the client sees the
-//!   provider's real status and body rather than a generic 502.
+//!   yet: one that frees up within `rate_limit.max_wait_ms` is waited for, and the same key
+//!   is allowed again when no other is left or the others rest longer. A 503's
+//!   `Retry-After` is waited out, unless it exceeds `retry_max_backoff_ms`: then the 503 is
+//!   passed through. When retries run out the last upstream answer is passed through, so
+//!   the client sees the provider's real status and body rather than a generic 502.
 //!
 //! When every eligible key is resting and the first frees up within `rate_limit.max_wait_ms`,
 //! the request waits for it ([`super::wait`]); otherwise, and when it gives up, the proxy
 //! answers in OpenAI's error shape: 404 `model_not_found` (no upstream call), 429
 //! `rate_limit_exceeded` with `Retry-After`, 503 `no_available_keys`, 502
-//! `upstream_unavailable` or 504 `upstream_timeout`.
+//! `upstream_unavailable` or 504 `upstream_timeout` (or, after an upstream failure, passes
+//! that failure through).
+//!
+//! A "busy" answer of `KeyPool::select` within `max_wait` promises the request a key's next
+//! free cell, so that requests waiting together are spread over the coming cells. The loop
+//! therefore asks again only when the pool's answer promised nothing, and follows a busy
+//! answer with a wait for it (unless this request's own wait limits or the queue refuse it).
 //!
 //! Every attempt is counted in `kcp_upstream_requests_total{key,outcome}`, with its time to the
 //! response head in `kcp_upstream_ttfb_seconds`; an attempt made after a failed one counts in
@@ -71,7 +78,7 @@ pub struct Outgoing<'a> {
     pub method: &'a Method,
     /// Client request target below the key's base url (`/v1/...?...`).
     pub path_and_query: &'a str,
-    /// The client's headers, already stripped of hop-by-hop and client-only ones.
+    /// The client's headers, already rewritten for the upstream (`headers::rewrite_request`).
     pub headers: &'a HeaderMap,
     /// The buffered body, replayed on each attempt without a copy.
     pub body: &'a Bytes,
@@ -221,20 +228,29 @@ impl Attempts<'_> {
 
     /// Leases a key: the home key for stateful requests, else one not tried yet, else (with
     /// retries left) one that failed upstream before.
+    ///
+    /// The keys that failed upstream are let back in only after an answer that promised
+    /// nothing (see the module docs): none left untried, or the untried ones rest beyond
+    /// `max_wait`. An untried key that frees up sooner is waited for instead, so one round
+    /// never holds two promises, nor drops one for a key it could take at once.
     fn select(&mut self) -> Result<Lease, NoKey> {
         let now = clock::now();
         if self.request.stateful {
             let demand = self.demand(&[]);
             return self.pool.select_home(&demand, now);
         }
-        match self.select_excluding(now) {
-            Err(NoKey::Busy { .. } | NoKey::Exhausted) if !self.readmit.is_empty() => {
-                self.exclude.retain(|k| !self.readmit.contains(k));
-                self.readmit.clear();
-                self.select_excluding(now)
-            }
-            selected => selected,
+        let selected = self.select_excluding(now);
+        let promised_nothing = match selected {
+            Err(NoKey::Exhausted) => true,
+            Err(NoKey::Busy { until }) => until.saturating_since(now) > self.pool.config().max_wait,
+            _ => false,
+        };
+        if !promised_nothing || self.readmit.is_empty() {
+            return selected;
         }
+        self.exclude.retain(|k| !self.readmit.contains(k));
+        self.readmit.clear();
+        self.select_excluding(now)
     }
 
     fn select_excluding(&self, now: Time) -> Result<Lease, NoKey> {
@@ -259,13 +275,11 @@ impl Attempts<'_> {
             };
             return Step::Answer(self.proxy_answer(error));
         }
-        if let Some(failure) = self.last.take() {
-            return Step::Answer(self.give_up(failure));
-        }
+        // A busy answer may hold a promise: it is always followed by a wait, if one fits.
         match (no_key, self.cooling) {
             (NoKey::Busy { until }, cooling) => Step::Wait(cooling.map_or(until, |c| c.min(until))),
-            (NoKey::Exhausted, Some(cooling)) => Step::Wait(cooling),
-            _ => Step::Answer(self.proxy_answer(OpenAiError::no_available_keys())),
+            (NoKey::Exhausted, Some(cooling)) if self.last.is_none() => Step::Wait(cooling),
+            _ => Step::Answer(self.give_up_or(OpenAiError::no_available_keys())),
         }
     }
 
@@ -397,8 +411,9 @@ impl Attempts<'_> {
         Step::Retry(delay)
     }
 
-    /// Waits until `until` for a resting key, or answers 429 when that is too long, this
-    /// request already waited its share, or the queue is full.
+    /// Waits until `until` for a resting key, or gives up when that is too long, this
+    /// request already waited its share, or the queue is full: with the upstream failure
+    /// being retried if there is one, else with a 429.
     async fn wait(&mut self, until: Time) -> Option<Response<ProxyBody>> {
         let now = clock::now();
         let wait = until.saturating_since(now);
@@ -408,7 +423,7 @@ impl Attempts<'_> {
             .flatten();
         let Some(slot) = slot else {
             let busy = OpenAiError::all_keys_busy(wait::retry_after_secs(wait));
-            return Some(self.proxy_answer(busy));
+            return Some(self.give_up_or(busy));
         };
         tokio::time::sleep_until(clock::to_instant(until).into()).await;
         drop(slot);
@@ -418,6 +433,14 @@ impl Attempts<'_> {
         self.readmit.clear();
         self.cooling = None;
         None
+    }
+
+    /// Gives up: with the upstream failure being retried if there is one, else with `error`.
+    fn give_up_or(&mut self, error: OpenAiError) -> Response<ProxyBody> {
+        match self.last.take() {
+            Some(failure) => self.give_up(failure),
+            None => self.proxy_answer(error),
+        }
     }
 
     /// The answer after the last retry: the upstream's own, or 502/504.

@@ -8,12 +8,18 @@
 //! original kcp forwarded the client's `Authorization` and `Host`, overriding the pool key;
 //! here the client's credentials never leave the proxy.
 //!
+//! `OpenAI-Organization` and `OpenAI-Project` choose which organization and project a key's
+//! request is billed to, and throttle groups are keyed by the configured organization: they
+//! come from the key's config only, never from the client. On the way down the provider's
+//! `OpenAI-Organization` and `OpenAI-Project` are removed, since they name the pool key's
+//! account.
+//!
 //! The client's header map is edited in place (no new map), once per request; each attempt
 //! clones it and adds its key's headers.
 
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HOST, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HOST, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
 use kcp_core::{KeySpec, Secret};
@@ -37,28 +43,43 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// End-to-end headers of the client that the upstream must not see. `Content-Length` is
-/// recomputed from the buffered body and `Expect` was already answered by the proxy.
-const CLIENT_ONLY: [HeaderName; 6] = [
+/// recomputed from the buffered body and `Expect` was already answered by the proxy; the
+/// organization and project are the key's.
+const CLIENT_ONLY: [HeaderName; 8] = [
     AUTHORIZATION,
     API_KEY,
     FORWARDED,
     HOST,
     CONTENT_LENGTH,
     EXPECT,
+    OPENAI_ORGANIZATION,
+    OPENAI_PROJECT,
 ];
 
-/// Removes from a client's request headers everything the upstream must not receive.
-pub fn strip_request(headers: &mut HeaderMap) {
+/// Headers of the provider that name the pool key's account.
+const UPSTREAM_ONLY: [HeaderName; 2] = [OPENAI_ORGANIZATION, OPENAI_PROJECT];
+
+/// Turns a client's request headers into what every attempt sends: removes everything the
+/// upstream must not receive and asks for an uncompressed answer.
+pub fn rewrite_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     for name in CLIENT_ONLY {
         headers.remove(name);
     }
     remove_prefixed(headers, "x-forwarded-");
+    // The proxy reads error bodies (a 429's code tells a quota from a rate limit), which it
+    // cannot do when they are compressed; and an LLM answer's time goes into generating
+    // it, not into moving its bytes, so compression would save little.
+    headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 }
 
-/// Removes hop-by-hop headers from an upstream response; the rest passes to the client.
+/// Removes hop-by-hop headers and the pool key's account from an upstream response; the
+/// rest passes to the client.
 pub fn strip_response(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    for name in UPSTREAM_ONLY {
+        headers.remove(name);
+    }
 }
 
 /// Authenticates a request as `spec`'s key: `Authorization: Bearer <key>` (marked sensitive,
@@ -174,23 +195,29 @@ mod tests {
             ("api-key", "client-token"),
             ("host", "kcp.local"),
             ("content-length", "12"),
+            ("openai-organization", "org-client"),
+            ("openai-project", "proj_client"),
+            ("accept-encoding", "gzip, deflate, br"),
             ("openai-beta", "assistants=v2"),
             ("idempotency-key", "abc"),
             ("content-type", "application/json"),
             ("user-agent", "OpenAI/Python 1.0"),
         ]);
-        strip_request(&mut headers);
+        rewrite_request(&mut headers);
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(
             left,
             [
+                "accept-encoding",
                 "content-type",
                 "idempotency-key",
                 "openai-beta",
                 "user-agent"
             ]
         );
+        assert_eq!(headers[ACCEPT_ENCODING], "identity");
+        assert_eq!(headers.get_all(ACCEPT_ENCODING).iter().count(), 1);
     }
 
     #[test]
@@ -201,10 +228,16 @@ mod tests {
             ("x-request-id", "req_1"),
             ("content-type", "text/event-stream"),
             ("x-ratelimit-remaining-requests", "9"),
+            ("openai-organization", "org-pool-key"),
+            ("openai-project", "proj_pool_key"),
+            ("openai-processing-ms", "120"),
         ]);
         strip_response(&mut headers);
         assert!(headers.get("connection").is_none());
         assert!(headers.get("transfer-encoding").is_none());
+        assert!(headers.get(OPENAI_ORGANIZATION).is_none());
+        assert!(headers.get(OPENAI_PROJECT).is_none());
+        assert_eq!(headers["openai-processing-ms"], "120");
         assert_eq!(headers["x-request-id"], "req_1");
         assert_eq!(headers["x-ratelimit-remaining-requests"], "9");
     }

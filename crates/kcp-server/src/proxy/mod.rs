@@ -36,7 +36,7 @@ use crate::observe::Unfinished;
 /// Forwards one `/v1/*` request whose body was read into `body`.
 pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBody>, Report) {
     let config = app.config();
-    let stateful = stateful::is_stateful(parts.uri.path());
+    let stateful = stateful::is_stateful(&parts.method, parts.uri.path());
     let head = model::inspect(parts.headers.get(header::CONTENT_TYPE), &body);
     // Stateful endpoints go to the same home key whatever model they name.
     let routed = !stateful;
@@ -54,7 +54,7 @@ pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBod
         Cow::Owned(name) => ModelName::from(name),
     });
     let mut headers = parts.headers;
-    headers::strip_request(&mut headers);
+    headers::rewrite_request(&mut headers);
     let request = attempts::Outgoing {
         method: &parts.method,
         path_and_query: parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
