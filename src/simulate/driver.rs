@@ -267,10 +267,16 @@ impl<'a> Sim<'a> {
             return;
         };
         let r = &self.requests[request];
+        let will_wait = if r.waits < MAX_WAITS && self.waiting < MAX_QUEUE {
+            self.scenario.max_wait.saturating_sub(r.waited)
+        } else {
+            Duration::ZERO
+        };
         let demand = Demand {
             model: Some(MODEL),
             tokens: r.tokens,
             exclude: &r.tried,
+            will_wait,
         };
         let cooling = r.cooling;
         match pool.select(&demand, now, &mut self.rng) {

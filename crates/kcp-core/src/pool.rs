@@ -54,11 +54,6 @@ pub struct PoolConfig {
     pub global_rps: Option<f64>,
     /// Burst of the local limiters.
     pub burst: NonZeroU32,
-    /// How long callers wait for a key to free up (the server's `rate_limit.max_wait_ms`).
-    /// The pool promises keys' next cells to waiting requests up to this far ahead; a
-    /// request told to come back later is refused, and a promise it did not take would only
-    /// delay the requests after it.
-    pub max_wait: Duration,
 }
 
 impl Default for PoolConfig {
@@ -69,7 +64,6 @@ impl Default for PoolConfig {
             per_key_rps: None,
             global_rps: None,
             burst: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
-            max_wait: Duration::from_secs(5),
         }
     }
 }
@@ -107,6 +101,11 @@ pub struct Demand<'a> {
     pub tokens: u64,
     /// Keys already tried for this request: never chosen again.
     pub exclude: &'a [KeyIndex],
+    /// How much longer this request would wait for a key if none can take it now (the
+    /// caller's `max_wait` minus what it already waited; zero when it will not wait). A
+    /// [`NoKey::Busy`] answer within it promises the key's next cell to this request; one
+    /// beyond it promises nothing, so a caller that gives up leaves nothing dangling.
+    pub will_wait: Duration,
 }
 
 impl Demand<'_> {
@@ -337,7 +336,7 @@ impl KeyPool {
     /// When no key can take it, [`NoKey::Busy`] says when one can: for each key, the instant
     /// its rest (and its group's) is over, its budget covers the request and its pace has a
     /// cell not yet promised to another waiting request; the earliest of those. If that is
-    /// within [`PoolConfig::max_wait`], the key's cell is promised to this request: only a count
+    /// within [`Demand::will_wait`], the key's cell is promised to this request: only a count
     /// per key, so the next request that has to wait is told the cell after it, and whoever
     /// takes a key's cell while some are promised takes the earliest promise. Requests that
     /// wait are thus spread over the coming cells in order instead of all waking at the
@@ -377,7 +376,7 @@ impl KeyPool {
         }
         self.global.refund();
         if let (Some(index), Some(until)) = (why.paced, why.until) {
-            if until.saturating_since(now) <= self.config.max_wait {
+            if until.saturating_since(now) <= demand.will_wait {
                 // The request will come back then for that key's cell: whoever asks next is
                 // told the cell after it.
                 let held = &self.keys[index as usize].state.held;

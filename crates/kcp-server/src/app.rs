@@ -163,7 +163,6 @@ pub fn pool_config(config: &Config) -> PoolConfig {
         per_key_rps: config.rate_limit.per_key_rps,
         global_rps: config.rate_limit.global_rps,
         burst: NonZeroU32::new(config.rate_limit.burst).unwrap_or(NonZeroU32::MIN),
-        max_wait: config.rate_limit.max_wait(),
     }
 }
 

@@ -39,6 +39,7 @@
 //! in-flight upstream call and the lease (recorded as cancelled). Nothing retries after that.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -242,7 +243,7 @@ impl Attempts<'_> {
         let selected = self.select_excluding(now);
         let promised_nothing = match selected {
             Err(NoKey::Exhausted) => true,
-            Err(NoKey::Busy { until }) => until.saturating_since(now) > self.pool.config().max_wait,
+            Err(NoKey::Busy { until }) => until.saturating_since(now) > self.will_wait(),
             _ => false,
         };
         if !promised_nothing || self.readmit.is_empty() {
@@ -263,7 +264,18 @@ impl Attempts<'_> {
             model: self.request.model,
             tokens: self.request.tokens,
             exclude,
+            will_wait: self.will_wait(),
         }
+    }
+
+    /// How much longer this request would wait for a key (see [`Self::wait`]): what is left
+    /// of `max_wait`, or nothing once it has waited its number of times or the queue is full.
+    fn will_wait(&self) -> Duration {
+        let queue_full = self.app.waiting.load(Ordering::Relaxed) >= self.policy.max_queue;
+        if self.waits >= MAX_WAITS || queue_full {
+            return Duration::ZERO;
+        }
+        self.policy.max_wait.saturating_sub(self.report.waited)
     }
 
     /// No key can take the request now: wait, or give up.
