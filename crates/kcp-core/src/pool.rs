@@ -145,6 +145,8 @@ pub struct KeyPool {
     groups: Vec<Arc<ThrottleGroup>>,
     cursor: AtomicUsize,
     max_rpm: AtomicU64,
+    /// The largest configured weight.
+    max_weight: f64,
     /// Virtual time of the fair rotation (f64 bits; see [`KeyPool::select`]).
     vtime: AtomicU64,
     /// Each key's tag in the fair rotation (f64 bits), side by side so a window of tags is
@@ -204,6 +206,10 @@ impl Why {
 /// a rotating window of this many in larger ones, so selection stays O(1) in pool size
 /// when keys are free.
 pub const FAIR_WINDOW: usize = 16;
+
+/// How many strides of the fastest key a tag may lead the virtual time by: keys up to 64
+/// times slower than the fastest keep their exact share.
+pub const MAX_LEAD: f64 = 64.0;
 
 /// A gate value that means "a trial is under way": report a short, honest wait.
 const PENDING_WAIT: Duration = Duration::from_secs(1);
@@ -278,6 +284,7 @@ impl KeyPool {
         }
         let global = previous.map_or_else(|| Arc::new(Gcra::unlimited()), |p| p.global.clone());
         global.set_rate(config.global_rps.unwrap_or(f64::INFINITY), config.burst);
+        let max_weight = f64::from(keys.iter().map(|k| k.spec.weight).max().unwrap_or(1));
         let max_rpm = keys
             .iter()
             .filter_map(|k| k.state.requests.limit())
@@ -291,6 +298,7 @@ impl KeyPool {
             groups,
             cursor: AtomicUsize::new(0),
             max_rpm: AtomicU64::new(max_rpm),
+            max_weight,
             vtime: AtomicU64::new(vtime),
             tags: tags.into_boxed_slice(),
         })
@@ -482,6 +490,7 @@ impl KeyPool {
             0
         };
         let vtime = f64::from_bits(self.vtime.load(Ordering::Acquire));
+        let lead = self.max_lead();
         let mut window = [(0.0_f64, 0 as KeyIndex); FAIR_WINDOW];
         let mut step = 0;
         while step < n {
@@ -490,8 +499,7 @@ impl KeyPool {
                 let index = keys[(start + step) % n];
                 step += 1;
                 if tier.admits(index) {
-                    let pass = self.tags[index as usize].load(Ordering::Acquire);
-                    window[len] = (f64::from_bits(pass).max(vtime), index);
+                    window[len] = (self.tag(index, vtime, lead), index);
                     len += 1;
                 }
             }
@@ -527,6 +535,7 @@ impl KeyPool {
     /// virtual time, and its tag moves on by `1 / share`.
     fn advance(&self, key: &PoolKey) {
         let vtime = f64::from_bits(self.vtime.load(Ordering::Acquire));
+        let lead = self.max_lead();
         let stride = 1.0 / self.share(key);
         let mut start = vtime;
         // The closure always returns Some, so the update cannot fail.
@@ -534,7 +543,7 @@ impl KeyPool {
             Ordering::AcqRel,
             Ordering::Acquire,
             |pass| {
-                start = f64::from_bits(pass).max(vtime);
+                start = f64::from_bits(pass).clamp(vtime, vtime + lead);
                 Some((start + stride).to_bits())
             },
         );
@@ -543,6 +552,32 @@ impl KeyPool {
         if start > vtime {
             self.vtime.fetch_max(start.to_bits(), Ordering::AcqRel);
         }
+    }
+
+    /// A key's start tag if chosen now: its tag, at least the virtual time. A tag further
+    /// ahead than `lead` is pulled back for good (written back), so the key's turn comes
+    /// once the others catch up instead of trailing the virtual time forever.
+    fn tag(&self, index: KeyIndex, vtime: f64, lead: f64) -> f64 {
+        let slot = &self.tags[index as usize];
+        let raw = slot.load(Ordering::Acquire);
+        let tag = f64::from_bits(raw);
+        if tag > vtime + lead {
+            let pulled = vtime + lead;
+            // Losing this race to a concurrent advance is fine: that one moved the tag.
+            let _ =
+                slot.compare_exchange(raw, pulled.to_bits(), Ordering::AcqRel, Ordering::Acquire);
+            pulled
+        } else {
+            tag.max(vtime)
+        }
+    }
+
+    /// How far a key's tag may run ahead of the virtual time: [`MAX_LEAD`] strides of the
+    /// fastest possible key. Shares change as limits are learned; a tag advanced by a
+    /// stride from before (say, while no limit was known) must not bench the key for ages.
+    fn max_lead(&self) -> f64 {
+        let max_rate = self.max_rpm.load(Ordering::Relaxed).max(1) as f64 / 60.0;
+        MAX_LEAD / (self.max_weight * max_rate)
     }
 
     /// A key's share of the fair rotation: weight × health × requests per second (its pace;

@@ -613,3 +613,40 @@ fn an_operator_disable_survives_a_recheck_in_flight() {
     assert_eq!(status_of(&p, "a", due), KeyStatus::Disabled);
     assert!(p.due_probes(due + Duration::from_secs(86_400)).is_empty());
 }
+
+#[test]
+fn a_key_picked_twice_before_limits_are_learned_is_not_starved_after() {
+    let p = pool(
+        (0..4).map(|i| key(&format!("k{i}"), &["others"])).collect(),
+        Strategy::RoundRobinHealthWeighted,
+    );
+    let mut rng = SplitMix64::new(9);
+    let t0 = Time::from_secs(1);
+    // A burst at startup: five requests before any answer, so one key holds two.
+    let first: Vec<_> = (0..5)
+        .map(|_| p.select(&Demand::default(), t0, &mut rng).expect("key"))
+        .collect();
+    let learned = || Outcome::Success {
+        latency: Duration::from_millis(5),
+        limits: RateLimitHeaders {
+            limit_requests: Some(1_000_000),
+            remaining_requests: Some(999_999),
+            ..Default::default()
+        },
+    };
+    for lease in first {
+        lease.record(learned(), t0);
+    }
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for i in 0..4000u64 {
+        let now = t0 + Duration::from_micros(i * 100);
+        let lease = p.select(&Demand::default(), now, &mut rng).expect("key");
+        *counts.entry(lease.id().to_string()).or_default() += 1;
+        lease.record(learned(), now);
+    }
+    assert!(
+        counts.values().all(|&c| (900..=1100).contains(&c)),
+        "{counts:?} {:?}",
+        p.snapshot(t0)[0]
+    );
+}
