@@ -449,21 +449,32 @@ impl KeyPool {
             if !tier.admits(index) {
                 continue;
             }
-            let key = &self.keys[index as usize];
-            let check = self.check(key, demand, now);
-            why.note(&check, index);
-            let Check::Ok {
-                key_trial,
-                group_trial,
-            } = check
-            else {
-                continue;
-            };
-            if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
+            if let Some(lease) = self.try_key(index, demand, now, why) {
                 return Some(lease);
             }
         }
         None
+    }
+
+    /// Checks one key, notes why it cannot take the request, or leases it.
+    fn try_key(
+        &self,
+        index: KeyIndex,
+        demand: &Demand<'_>,
+        now: Time,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let key = &self.keys[index as usize];
+        let check = self.check(key, demand, now);
+        why.note(&check, index);
+        let Check::Ok {
+            key_trial,
+            group_trial,
+        } = check
+        else {
+            return None;
+        };
+        self.take(key, demand, now, key_trial, group_trial)
     }
 
     /// Start-time fair queueing over the candidates (see [`KeyPool::select`]).
@@ -514,17 +525,8 @@ impl KeyPool {
                 let index = window[first].1;
                 len -= 1;
                 window.swap(first, len);
-                let key = &self.keys[index as usize];
-                let check = self.check(key, demand, now);
-                why.note(&check, index);
-                if let Check::Ok {
-                    key_trial,
-                    group_trial,
-                } = check
-                {
-                    if let Some(lease) = self.take(key, demand, now, key_trial, group_trial) {
-                        return Some(lease);
-                    }
+                if let Some(lease) = self.try_key(index, demand, now, why) {
+                    return Some(lease);
                 }
             }
         }
