@@ -52,6 +52,16 @@ fn pick(
     })
 }
 
+/// Selects until the pool hands out a lease on the key `name` (dropping the others).
+fn lease_on(pool: &KeyPool, name: &str, now: Time, rng: &mut SplitMix64) -> kcp_core::Lease {
+    loop {
+        let lease = pool.select(&Demand::default(), now, rng).expect("key");
+        if lease.id().as_str() == name {
+            return lease;
+        }
+    }
+}
+
 fn status_of(pool: &KeyPool, name: &str, now: Time) -> KeyStatus {
     pool.snapshot(now)
         .into_iter()
@@ -327,20 +337,13 @@ fn health_weighting_sends_less_to_a_failing_key() {
     let now = Time::from_secs(1);
     // Four upstream failures: below the circuit threshold, but health drops to 60%.
     for _ in 0..4 {
-        loop {
-            let lease = p.select(&Demand::default(), now, &mut rng).expect("key");
-            if lease.id().as_str() == "sick" {
-                lease.record(
-                    Outcome::Upstream {
-                        failure: UpstreamFailure::Timeout,
-                        retry_after: None,
-                    },
-                    now,
-                );
-                break;
-            }
-            drop(lease);
-        }
+        lease_on(&p, "sick", now, &mut rng).record(
+            Outcome::Upstream {
+                failure: UpstreamFailure::Timeout,
+                retry_after: None,
+            },
+            now,
+        );
     }
     let mut counts: HashMap<String, u32> = HashMap::new();
     for _ in 0..2000 {
@@ -367,20 +370,13 @@ fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
     let now = Time::from_secs(1);
     let latencies = [("fast", 50), ("mid", 100), ("slow", 400)];
     for (name, ms) in latencies {
-        loop {
-            let lease = p.select(&Demand::default(), now, &mut rng).expect("key");
-            if lease.id().as_str() == name {
-                lease.record(
-                    Outcome::Success {
-                        latency: Duration::from_millis(ms),
-                        limits: RateLimitHeaders::default(),
-                    },
-                    now,
-                );
-                break;
-            }
-            drop(lease);
-        }
+        lease_on(&p, name, now, &mut rng).record(
+            Outcome::Success {
+                latency: Duration::from_millis(ms),
+                limits: RateLimitHeaders::default(),
+            },
+            now,
+        );
     }
     // Hold leases open so in-flight counts grow, as under real concurrent load.
     let mut held = Vec::new();
@@ -407,24 +403,17 @@ fn learned_rate_weights_traffic() {
     let mut rng = SplitMix64::new(11);
     let now = Time::from_secs(1);
     for (name, rpm) in [("small", 30), ("large", 240)] {
-        loop {
-            let lease = p.select(&Demand::default(), now, &mut rng).expect("key");
-            if lease.id().as_str() == name {
-                lease.record(
-                    Outcome::Success {
-                        latency: Duration::from_millis(100),
-                        limits: RateLimitHeaders {
-                            limit_requests: Some(rpm),
-                            remaining_requests: Some(rpm - 1),
-                            ..Default::default()
-                        },
-                    },
-                    now,
-                );
-                break;
-            }
-            drop(lease);
-        }
+        lease_on(&p, name, now, &mut rng).record(
+            Outcome::Success {
+                latency: Duration::from_millis(100),
+                limits: RateLimitHeaders {
+                    limit_requests: Some(rpm),
+                    remaining_requests: Some(rpm - 1),
+                    ..Default::default()
+                },
+            },
+            now,
+        );
     }
     let snap = p.snapshot(now);
     assert_eq!(snap[1].limits.limit_requests, Some(240));
