@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kcp_core::routing::RouteTable;
+use kcp_core::RouteTable;
 use kcp_core::{
     Demand, KeyPool, KeySpec, Outcome, PoolConfig, RateLimitHeaders, Secret, SplitMix64, Strategy,
     Time,

@@ -47,6 +47,13 @@ impl Gate {
         }
     }
 
+    /// Whether the gate is closed towards a trial (armed, or one under way): for a key, its
+    /// circuit is open.
+    pub fn holds_trial(&self) -> bool {
+        let raw = self.0.load(Ordering::Acquire);
+        raw & TRIAL != 0 || raw == Self::PENDING
+    }
+
     /// Claims the trial seen as `seen`; `true` for exactly one caller.
     pub fn claim_trial(&self, seen: u64) -> bool {
         self.0

@@ -67,6 +67,7 @@ impl Gcra {
     }
 
     /// A limiter admitting `per_minute` cells per minute: the unit OpenAI's limits are given in.
+    #[cfg(test)]
     pub fn per_minute(per_minute: f64, burst: NonZeroU32) -> Gcra {
         Gcra::new(per_minute / 60.0, burst)
     }

@@ -8,7 +8,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::budget::{Gauge, PACE_BURST, Pace};
@@ -21,6 +21,7 @@ use crate::key::KeySpec;
 use crate::outcome::{DisableReason, Outcome};
 use crate::probe::Disabled;
 use crate::ratelimit_headers::RateLimitHeaders;
+use crate::refusal::Refusals;
 use crate::rng::{Random, SplitMix64};
 use crate::time::Time;
 
@@ -32,6 +33,8 @@ pub struct Counters {
     pub(crate) rejected: AtomicU64,
     pub(crate) upstream: AtomicU64,
     pub(crate) request_error: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) too_large: AtomicU64,
     pub(crate) cancelled: AtomicU64,
 }
 
@@ -43,6 +46,8 @@ impl Counters {
             Outcome::KeyRejected { .. } => &self.rejected,
             Outcome::Upstream { .. } => &self.upstream,
             Outcome::RequestError { .. } => &self.request_error,
+            Outcome::ModelRefused => &self.refused,
+            Outcome::TooLarge { .. } => &self.too_large,
             Outcome::Cancelled => &self.cancelled,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -71,6 +76,11 @@ pub enum StateChange {
     },
     /// The trial succeeded.
     CircuitClosed,
+    /// The key may not serve the request's model (or endpoint) until then.
+    ModelRefused {
+        /// End of the mark; the next request for the model after it is the re-check.
+        until: Time,
+    },
     /// Most keys of the key's url and organization were rate limited together.
     GroupThrottled {
         /// End of the group's rest.
@@ -152,6 +162,14 @@ pub struct KeyState {
     /// Pace cells promised to requests told to wait for this key (see `KeyPool::select`).
     pub(crate) held: AtomicU32,
     pub(crate) counters: Counters,
+    /// Models or endpoints the key refused.
+    pub(crate) refusals: Refusals,
+    /// When a key disabled for its quota or bill may take one real request as its re-check
+    /// (nanoseconds; `u64::MAX` when no such re-check is pending). Read by selection.
+    trial_at: AtomicU64,
+    /// The organization the provider named in its answers (`openai-organization`), learned
+    /// once; it puts the key in a throttle group with the other keys of that organization.
+    pub(crate) organization: OnceLock<Box<str>>,
     /// Mirrors `Policy::is_calm` for the lock-free success path.
     calm: AtomicBool,
     policy: Mutex<Policy>,
@@ -172,6 +190,9 @@ impl KeyState {
             local: Gcra::unlimited(),
             held: AtomicU32::new(0),
             counters: Counters::default(),
+            refusals: Refusals::default(),
+            trial_at: AtomicU64::new(u64::MAX),
+            organization: OnceLock::new(),
             calm: AtomicBool::new(true),
             policy: Mutex::new(Policy::default()),
             jitter: Mutex::new(SplitMix64::new(seed)),
@@ -268,6 +289,7 @@ impl KeyState {
                     // Remember the wait in force: a relapse soon after continues from it.
                     policy.recovered = Some((now, disabled.backoff()));
                     policy.disabled = None;
+                    self.publish_trial(None);
                     self.disabled.store(false, Ordering::Release);
                     Some(StateChange::Enabled)
                 } else {
@@ -301,11 +323,11 @@ impl KeyState {
                     .failed(now, jitter, trial == Trial::Circuit)
                     .map(|until| StateChange::CircuitOpened { until })
             }
-            Outcome::RequestError { limits, .. } => {
+            Outcome::RequestError { limits, .. } | Outcome::TooLarge { limits } => {
                 self.learn(limits, sent, &policy.pace);
                 None
             }
-            Outcome::Cancelled => None,
+            Outcome::ModelRefused | Outcome::Cancelled => None,
         };
         self.calm.store(policy.is_calm(), Ordering::Release);
         if trial == Trial::Circuit || !self.gate.trial_pending() {
@@ -328,6 +350,7 @@ impl KeyState {
             (Some(disabled), _) if disabled.reason == DisableReason::Manual => None,
             (Some(disabled), Trial::Probe) => {
                 disabled.probe_failed(reason, now);
+                self.publish_trial(Some(*disabled));
                 None
             }
             (Some(_), _) => None,
@@ -339,6 +362,7 @@ impl KeyState {
                     _ => Disabled::new(reason, now),
                 };
                 policy.disabled = Some(disabled);
+                self.publish_trial(Some(disabled));
                 self.disabled.store(true, Ordering::Release);
                 Some(StateChange::Disabled { reason })
             }
@@ -362,16 +386,46 @@ impl KeyState {
         match &mut policy.disabled {
             Some(disabled) if disabled.probe_due(now) => {
                 disabled.probe_started(now);
+                let disabled = *disabled;
+                self.publish_trial(Some(disabled));
                 true
             }
             _ => false,
         }
     }
 
-    /// Whether a re-check is due at `now`.
+    /// Starts the re-check of a key disabled for its quota or bill, made by a real request:
+    /// `false` when the key is not such a key, not due, or another request got there first.
+    pub(crate) fn start_probe_by_request(&self, now: Time) -> bool {
+        let by_request = self
+            .policy()
+            .disabled
+            .is_some_and(|d| d.reason.rechecked_by_request());
+        by_request && self.start_probe(now)
+    }
+
+    /// Publishes when a key disabled for its quota or bill may take its one real request.
+    fn publish_trial(&self, disabled: Option<Disabled>) {
+        let at = disabled
+            .filter(|d| d.reason.rechecked_by_request())
+            .map_or(u64::MAX, |d| d.probe_at.as_nanos());
+        self.trial_at.store(at, Ordering::Release);
+    }
+
+    /// Whether a key disabled for its quota or bill may take one real request at `now` as its
+    /// re-check (claim it with [`KeyState::start_probe`]).
+    pub(crate) fn trial_due(&self, now: Time) -> bool {
+        now.as_nanos() >= self.trial_at.load(Ordering::Acquire)
+    }
+
+    /// Whether the caller's re-check request is due at `now` (keys re-checked by a real
+    /// request are not: selection lets their trial through).
     pub(crate) fn probe_due(&self, now: Time) -> bool {
         self.disabled.load(Ordering::Acquire)
-            && self.policy().disabled.is_some_and(|d| d.probe_due(now))
+            && self
+                .policy()
+                .disabled
+                .is_some_and(|d| d.probe_due(now) && !d.reason.rechecked_by_request())
     }
 
     /// An operator disables (`true`) or enables (`false`) the key.
@@ -379,6 +433,7 @@ impl KeyState {
         let mut policy = self.policy();
         let change = if disable {
             policy.disabled = Some(Disabled::new(DisableReason::Manual, now));
+            self.publish_trial(None);
             self.disabled.store(true, Ordering::Release);
             Some(StateChange::Disabled {
                 reason: DisableReason::Manual,
@@ -388,6 +443,8 @@ impl KeyState {
             policy.cooldown.clear();
             policy.circuit.reset();
             policy.recovered = None;
+            self.refusals.clear();
+            self.publish_trial(None);
             self.disabled.store(false, Ordering::Release);
             was.then_some(StateChange::Enabled)
         };

@@ -92,8 +92,50 @@ impl Lease {
         Changes([key_change, group_change])
     }
 
+    /// Classifies `answer` and records it: for attempts outside an [`crate::Attempt`], such
+    /// as the re-check of a disabled key.
+    pub fn record_answer(self, answer: &crate::Answer<'_>, now: Time) -> Changes {
+        use crate::attempt::Class;
+        let (limits, latency) = match answer {
+            crate::Answer::Reply(r) => (r.limits, r.latency),
+            crate::Answer::Failed { .. } => (Default::default(), std::time::Duration::ZERO),
+        };
+        let outcome = match crate::classify(answer) {
+            Class::Success => Outcome::Success { latency, limits },
+            Class::Request => Outcome::RequestError { latency, limits },
+            Class::RateLimited => Outcome::RateLimited { limits },
+            Class::TooLarge { .. } => Outcome::TooLarge { limits },
+            Class::KeyRejected(reason) => Outcome::KeyRejected { reason },
+            Class::ModelRefused => Outcome::ModelRefused,
+            Class::Upstream {
+                failure,
+                retry_after,
+                ..
+            } => Outcome::Upstream {
+                failure,
+                retry_after,
+            },
+        };
+        self.record(outcome, now)
+    }
+
+    /// The key refused the request's `scope` (its model, or its endpoint): it stops being a
+    /// candidate for that scope for a while, and nothing else about it changes.
+    pub fn refuse(mut self, scope: &str, now: Time) -> Changes {
+        let mut changes = self.finish(&Outcome::ModelRefused, now);
+        let until = self.key.state.refusals.refused(scope, now);
+        changes.0[0] = Some(StateChange::ModelRefused { until });
+        changes
+    }
+
+    /// The provider named the key's organization (`openai-organization`): from now on the
+    /// key shares a throttle group with the other keys of that organization.
+    pub fn learn_organization(&self, organization: &str) {
+        self.key.learn_organization(organization);
+    }
+
     fn group_outcome(&self, outcome: &Outcome, now: Time) -> Option<StateChange> {
-        let group = &self.key.group;
+        let group = self.key.group()?;
         match outcome {
             Outcome::RateLimited { .. } => {
                 let rest = state_rest(&self.key, now);

@@ -5,43 +5,51 @@
 //! attempt's [`Outcome`] ([`Lease::record`]): rate-limited keys rest exactly as long as the
 //! provider asks, rejected keys are disabled and re-checked later, failing keys lose health
 //! and eventually open their circuit, and each key is paced at the rate its provider reports.
+//! An [`Attempt`] is the policy of one client request over the pool: which key next, what an
+//! answer means ([`classify`]), when to retry, wait or give up.
 //!
 //! There is no I/O, no async runtime and no clock here: time comes in as a [`Time`]
 //! argument and randomness through [`Random`], so embedding services, tests and the
 //! simulator drive the very same policy deterministically.
 #![forbid(unsafe_code)]
 
-pub mod budget;
-pub mod circuit;
-pub mod cooldown;
-pub mod gate;
-pub mod gcra;
-pub mod health;
-pub mod key;
-pub mod keystate;
-pub mod lease;
-pub mod outcome;
-pub mod pool;
-pub mod probe;
-pub mod ratelimit_headers;
-pub mod rng;
-pub mod routing;
-pub mod secret;
-pub mod snapshot;
-pub mod throttle;
-pub mod time;
+mod attempt;
+mod budget;
+mod circuit;
+mod cooldown;
+mod gate;
+mod gcra;
+mod health;
+mod key;
+mod keystate;
+mod lease;
+mod outcome;
+mod pool;
+mod probe;
+mod ratelimit_headers;
+mod refusal;
+mod rng;
+mod routing;
+mod secret;
+mod snapshot;
+mod throttle;
+mod time;
 
-pub use budget::estimate_tokens;
+pub use attempt::{
+    Action, Answer, Attempt, Backoff, Class, ClientRequest, ErrorBody, GiveUp, Next, QueueSlot,
+    Replay, Reply, RetryPolicy, Stats, Verdict, Wait, WaitQueue, classify,
+};
+pub use budget::{MAX_TOKENS, estimate_tokens};
+pub use circuit::{BASE_OPEN, FAILURES_TO_OPEN, MAX_OPEN};
 pub use key::{KeyId, KeySpec};
 pub use keystate::StateChange;
 pub use lease::{Changes, Lease};
-pub use outcome::{
-    DisableReason, ErrorClass, Outcome, StatusClass, UpstreamFailure, classify_status,
-};
-pub use pool::{Demand, KeyPool, NoKey, PoolConfig, PoolError, Strategy};
-pub use ratelimit_headers::RateLimitHeaders;
+pub use outcome::{DisableReason, ErrorClass, Outcome, UpstreamFailure};
+pub use pool::{Demand, FAIR_WINDOW, KeyPool, MAX_LEAD, NoKey, PoolConfig, PoolError, Strategy};
+pub use ratelimit_headers::{RateLimitHeaders, parse_reset};
+pub use refusal::{FIRST_REST as FIRST_REFUSAL_REST, MAX_REST as MAX_REFUSAL_REST};
 pub use rng::{Random, SplitMix64};
-pub use routing::KeyIndex;
+pub use routing::{KeyIndex, MAX_GLOBS, RouteTable};
 pub use secret::Secret;
-pub use snapshot::{KeySnapshot, KeyStatus, StateCounts};
+pub use snapshot::{KeySnapshot, KeyStatus, LearnedLimits, OutcomeCounts, StateCounts};
 pub use time::Time;

@@ -23,7 +23,8 @@ pub enum Outcome {
         /// Rate-limit and retry headers of the answer.
         limits: RateLimitHeaders,
     },
-    /// 401, 402, 403 or an exhausted quota: the key is disabled and re-probed later.
+    /// 401, 402, a 403 about the key itself, or an exhausted quota: the key is disabled and
+    /// re-checked later.
     KeyRejected {
         /// Why.
         reason: DisableReason,
@@ -34,6 +35,15 @@ pub enum Outcome {
         failure: UpstreamFailure,
         /// `Retry-After` of a 503, if any.
         retry_after: Option<Duration>,
+    },
+    /// A 403/404 about the model or endpoint: the key may not serve that one scope (recorded
+    /// with [`crate::Lease::refuse`], which also marks the scope), and nothing else changes.
+    ModelRefused,
+    /// A 429 "request too large": the request needs more tokens than the key's limit. Not a
+    /// rate limit: the key neither rests nor slows down, but learns its token limit.
+    TooLarge {
+        /// Rate-limit headers of the answer, with the limit the message reported.
+        limits: RateLimitHeaders,
     },
     /// Any other 4xx: the request's fault, not the key's.
     RequestError {
@@ -53,17 +63,23 @@ impl Outcome {
             Outcome::Success { .. } | Outcome::Cancelled => None,
             Outcome::RateLimited { .. } => Some(ErrorClass::KeyTransient),
             Outcome::KeyRejected { .. } => Some(ErrorClass::KeyPermanent),
+            Outcome::ModelRefused => Some(ErrorClass::KeyForModel),
+            Outcome::TooLarge { .. } => Some(ErrorClass::TooLargeForKey),
             Outcome::Upstream { .. } => Some(ErrorClass::Upstream),
             Outcome::RequestError { .. } => Some(ErrorClass::Request),
         }
     }
 }
 
-/// The four error classes.
+/// The error classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorClass {
-    /// The key is unusable until re-checked (401, 402, 403, quota).
+    /// The key is unusable until re-checked (401, 402, a 403 about the key, quota).
     KeyPermanent,
+    /// The key may not serve this model or endpoint (a 403/404 about it).
+    KeyForModel,
+    /// The request needs more tokens than this key's limit allows.
+    TooLargeForKey,
     /// The key is rate limited for a while (429).
     KeyTransient,
     /// The provider or the network failed.
@@ -82,7 +98,7 @@ pub enum ErrorClass {
 pub enum DisableReason {
     /// 401: the key is invalid or revoked.
     Unauthorized,
-    /// 403: the key may not be used here.
+    /// A 403 whose body says the key or its account itself is refused.
     Forbidden,
     /// 402 or a billing error: the account needs payment.
     Billing,
@@ -93,6 +109,13 @@ pub enum DisableReason {
 }
 
 impl DisableReason {
+    /// Whether the key is re-checked by letting one real request through (a spent quota or
+    /// an unpaid bill: `GET /v1/models` answers 200 for those) rather than by the caller's
+    /// re-check request ([`crate::KeyPool::due_probes`]).
+    pub fn rechecked_by_request(self) -> bool {
+        matches!(self, DisableReason::QuotaExhausted | DisableReason::Billing)
+    }
+
     /// A short label for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -116,81 +139,4 @@ pub enum UpstreamFailure {
     Protocol,
     /// A 500, 502, 503 or 504.
     Status(u16),
-}
-
-/// How the caller should treat an HTTP status from the provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StatusClass {
-    /// A usable answer.
-    Success,
-    /// A 429 rate limit.
-    RateLimited,
-    /// The key is rejected.
-    KeyRejected(DisableReason),
-    /// The provider failed.
-    Upstream,
-    /// The request was refused: pass it through.
-    Request,
-}
-
-/// Classifies a provider status. `error_code` is the `error.code` (or `error.type`) of the
-/// JSON error body when the caller read it: it tells a quota 429 from a rate-limit 429.
-pub fn classify_status(status: u16, error_code: Option<&str>) -> StatusClass {
-    match status {
-        401 => StatusClass::KeyRejected(DisableReason::Unauthorized),
-        402 => StatusClass::KeyRejected(DisableReason::Billing),
-        403 => StatusClass::KeyRejected(DisableReason::Forbidden),
-        429 => match error_code {
-            Some("insufficient_quota") => StatusClass::KeyRejected(DisableReason::QuotaExhausted),
-            Some(code) if code.starts_with("billing") => {
-                StatusClass::KeyRejected(DisableReason::Billing)
-            }
-            _ => StatusClass::RateLimited,
-        },
-        500 | 502 | 503 | 504 => StatusClass::Upstream,
-        100..=399 => StatusClass::Success,
-        _ => StatusClass::Request,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_fall_into_the_guide_classes() {
-        use DisableReason::*;
-        assert_eq!(classify_status(200, None), StatusClass::Success);
-        assert_eq!(
-            classify_status(401, None),
-            StatusClass::KeyRejected(Unauthorized)
-        );
-        assert_eq!(
-            classify_status(402, None),
-            StatusClass::KeyRejected(Billing)
-        );
-        assert_eq!(
-            classify_status(403, None),
-            StatusClass::KeyRejected(Forbidden)
-        );
-        assert_eq!(
-            classify_status(429, Some("insufficient_quota")),
-            StatusClass::KeyRejected(QuotaExhausted)
-        );
-        assert_eq!(
-            classify_status(429, Some("billing_hard_limit_reached")),
-            StatusClass::KeyRejected(Billing)
-        );
-        assert_eq!(
-            classify_status(429, Some("rate_limit_exceeded")),
-            StatusClass::RateLimited
-        );
-        assert_eq!(classify_status(429, None), StatusClass::RateLimited);
-        for s in [500, 502, 503, 504] {
-            assert_eq!(classify_status(s, None), StatusClass::Upstream);
-        }
-        for s in [400, 404, 409, 413, 422, 501] {
-            assert_eq!(classify_status(s, None), StatusClass::Request);
-        }
-    }
 }

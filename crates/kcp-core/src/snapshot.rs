@@ -70,6 +70,10 @@ pub struct OutcomeCounts {
     pub upstream_error: u64,
     /// Request-class errors passed through.
     pub request_error: u64,
+    /// 403/404 refusals of a model or endpoint.
+    pub refused: u64,
+    /// 429 "request too large" for the key's token limit.
+    pub too_large: u64,
     /// Attempts that ended without an answer.
     pub cancelled: u64,
 }
@@ -126,6 +130,8 @@ pub struct KeySnapshot {
     pub outcomes: OutcomeCounts,
     /// Learned limits and pace.
     pub limits: LearnedLimits,
+    /// Models (or endpoints) the key refused lately, with seconds until each is re-checked.
+    pub refused: Vec<(String, f64)>,
 }
 
 /// Number of keys in each status.
@@ -197,7 +203,7 @@ fn status(key: &PoolKey, now: Time) -> (KeyStatus, Time) {
     if cooldown.until() > now {
         return (KeyStatus::Cooling, cooldown.until());
     }
-    if let Pass::Until(t) = key.group.gate.check(now) {
+    if let Some(Pass::Until(t)) = key.group().map(|g| g.gate.check(now)) {
         return (KeyStatus::Throttled, t);
     }
     let free = state.requests.free_at(now, 1);
@@ -242,6 +248,8 @@ fn key_snapshot(key: &PoolKey, now: Time) -> KeySnapshot {
             upstream_error: load(&c.upstream),
             request_error: load(&c.request_error),
             cancelled: load(&c.cancelled),
+            refused: load(&c.refused),
+            too_large: load(&c.too_large),
         },
         limits: LearnedLimits {
             limit_requests: state.requests.limit(),
@@ -253,5 +261,11 @@ fn key_snapshot(key: &PoolKey, now: Time) -> KeySnapshot {
             pace_rps: state.pace.rate_per_sec().filter(|r| r.is_finite()),
             pace_factor: pace.factor(),
         },
+        refused: state
+            .refusals
+            .active(now)
+            .into_iter()
+            .map(|(scope, until)| (scope, secs_until(until, now)))
+            .collect(),
     }
 }

@@ -1,7 +1,10 @@
 //! Account-wide throttles: when switching keys cannot help.
 //!
-//! Keys that share a url and an organization often share a limit (an organization or IP
-//! limit). When most keys of such a group get a 429 within [`WINDOW`], the limit is the
+//! Keys that share a url and an organization share the organization's limits. Only keys
+//! whose organization is known (configured as `organization`, or learned from the provider's
+//! `openai-organization` answer header) are grouped: keys of unknown accounts may belong to
+//! as many accounts as there are keys, and grouping them would make independent 429s look
+//! like a shared throttle. When most keys of such a group get a 429 within [`WINDOW`], the limit is the
 //! group's, not the keys': trying the next key only burns another call. The whole group
 //! then rests together for the longest `Retry-After` seen, and a single probe request is
 //! let through when the rest ends (a [`Gate`] trial); its success lifts the throttle, its
@@ -9,7 +12,7 @@
 //! is both, which two independently busy keys produce as often as a shared limit does, and
 //! each key's own rest already stops the pair from burning calls.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::gate::Gate;
@@ -29,7 +32,7 @@ pub struct ThrottleGroup {
     /// Closed while the group rests.
     pub gate: Gate,
     url: String,
-    organization: Option<String>,
+    organization: String,
     members: Mutex<Vec<KeyIndex>>,
     recent: Mutex<Vec<Recent>>,
 }
@@ -43,25 +46,33 @@ struct Recent {
 
 impl ThrottleGroup {
     /// An empty group for `url` and `organization`.
-    pub fn new(url: &str, organization: Option<&str>) -> Self {
+    pub fn new(url: &str, organization: &str) -> Self {
         ThrottleGroup {
             gate: Gate::default(),
             url: url.to_owned(),
-            organization: organization.map(str::to_owned),
+            organization: organization.to_owned(),
             members: Mutex::new(Vec::new()),
             recent: Mutex::new(Vec::new()),
         }
     }
 
     /// Whether this group is the one for `url` and `organization`.
-    pub fn is_for(&self, url: &str, organization: Option<&str>) -> bool {
-        self.url == url && self.organization.as_deref() == organization
+    pub fn is_for(&self, url: &str, organization: &str) -> bool {
+        self.url == url && self.organization == organization
     }
 
     /// Replaces the member list (on pool build).
     pub fn set_members(&self, members: Vec<KeyIndex>) {
         *lock(&self.members) = members;
         lock(&self.recent).clear();
+    }
+
+    /// `key` joins the group (its organization was learned).
+    pub fn add_member(&self, key: KeyIndex) {
+        let mut members = lock(&self.members);
+        if !members.contains(&key) {
+            members.push(key);
+        }
     }
 
     /// Number of member keys.
@@ -106,6 +117,60 @@ impl ThrottleGroup {
     }
 }
 
+/// The throttle groups of one pool, which grow as organizations are learned.
+#[derive(Debug, Default)]
+pub struct Groups(Mutex<Vec<Arc<ThrottleGroup>>>);
+
+impl Groups {
+    /// The group of `url` and `organization` (created if there is none yet), which `key`
+    /// joins.
+    pub fn join(&self, url: &str, organization: &str, key: KeyIndex) -> Arc<ThrottleGroup> {
+        self.join_or_adopt(url, organization, key, None)
+    }
+
+    /// Like [`Groups::join`], but a group new to this registry is taken over from
+    /// `previous` (the registry of the pool before a reload) when that has one, so that a
+    /// running throttle survives the reload.
+    pub fn join_or_adopt(
+        &self,
+        url: &str,
+        organization: &str,
+        key: KeyIndex,
+        previous: Option<&Groups>,
+    ) -> Arc<ThrottleGroup> {
+        let mut groups = lock(&self.0);
+        let group = match groups.iter().find(|g| g.is_for(url, organization)) {
+            Some(group) => group.clone(),
+            None => {
+                let group = match previous.and_then(|p| p.find(url, organization)) {
+                    Some(group) => {
+                        group.set_members(Vec::new());
+                        group
+                    }
+                    None => Arc::new(ThrottleGroup::new(url, organization)),
+                };
+                groups.push(group.clone());
+                group
+            }
+        };
+        group.add_member(key);
+        group
+    }
+
+    /// Every group.
+    pub fn all(&self) -> Vec<Arc<ThrottleGroup>> {
+        lock(&self.0).clone()
+    }
+
+    /// The group of `url` and `organization`, if there is one.
+    pub fn find(&self, url: &str, organization: &str) -> Option<Arc<ThrottleGroup>> {
+        lock(&self.0)
+            .iter()
+            .find(|g| g.is_for(url, organization))
+            .cloned()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the plain data inconsistent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -117,7 +182,7 @@ mod tests {
     use crate::gate::Pass;
 
     fn group(n: u32) -> ThrottleGroup {
-        let g = ThrottleGroup::new("https://api.openai.com/v1", None);
+        let g = ThrottleGroup::new("https://api.openai.com/v1", "org-a");
         g.set_members((0..n).collect());
         g
     }
@@ -174,6 +239,12 @@ mod tests {
             None,
             "a pair limited together is two busy keys"
         );
+        let registry = Groups::default();
+        let a = registry.join("https://h", "org-a", 0);
+        registry.join("https://h", "org-a", 1);
+        registry.join("https://h", "org-b", 2);
+        assert_eq!(a.size(), 2, "keys of one organization share a group");
+        assert_eq!(registry.all().len(), 2);
         let g = group(3);
         let until = g
             .rate_limited(0, Duration::from_secs(4), Time::ZERO, true)

@@ -235,8 +235,8 @@ fn circuit_opens_after_five_failures_and_lets_exactly_one_trial_through() {
         assert_eq!(opened, i == 4);
     }
     assert_eq!(status_of(&p, "a", t0), KeyStatus::CircuitOpen);
-    let Err(NoKey::Busy { until }) = p.select(&Demand::default(), t0, &mut rng) else {
-        panic!("open circuit must refuse")
+    let Err(NoKey::Unreachable { until }) = p.select(&Demand::default(), t0, &mut rng) else {
+        panic!("open circuit must refuse, as unreachable")
     };
     let trial = p
         .select(&Demand::default(), until, &mut rng)
@@ -537,7 +537,7 @@ fn late_outcomes_neither_stretch_an_open_circuit_nor_let_a_second_trial_through(
     }
     assert_eq!(opened.len(), 1, "only the fifth failure opens: {opened:?}");
     let until = opened[0];
-    assert!(until <= t0 + kcp_core::circuit::BASE_OPEN);
+    assert!(until <= t0 + kcp_core::BASE_OPEN);
     let straggler = p.select(&Demand::default(), t0, &mut rng);
     assert!(straggler.is_err(), "open circuit takes nothing");
     // The trial goes; an outcome of another lease must not open the gate for a second one.
@@ -565,13 +565,13 @@ fn a_key_rejected_again_soon_after_its_recheck_waits_twice_as_long() {
     let p = pool(vec![key("a", &["others"])], Strategy::RoundRobin);
     let mut rng = SplitMix64::new(1);
     let quota = || Outcome::KeyRejected {
-        reason: DisableReason::QuotaExhausted,
+        reason: DisableReason::Unauthorized,
     };
     let t0 = Time::from_secs(10);
     p.select(&Demand::default(), t0, &mut rng)
         .expect("key")
         .record(quota(), t0);
-    // The re-check (a free endpoint) succeeds although the quota is still spent.
+    // The re-check succeeds, but the key is rejected again soon after (a flapping key).
     let due = t0 + Duration::from_secs(60);
     p.probe(0, due).expect("due").record(ok(), due);
     let again = due + Duration::from_secs(1);

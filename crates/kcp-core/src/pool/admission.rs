@@ -1,0 +1,333 @@
+//! Admission: whether one key can take one request now, and leasing it if so.
+//!
+//! Every strategy asks the same questions of a candidate ([`KeyPool::check`]): is it
+//! disabled, excluded by the request, resting (cooldown, open circuit, throttled group),
+//! short of learned budget, ahead of its pace or over its local limit? The answers of the
+//! keys that could not take it are summed up in [`Why`], which says when the first one frees
+//! and, when that one is paced, on which key a waiting request may be promised a cell.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::keystate::{KeyState, Trial};
+use crate::lease::Lease;
+use crate::pool::{Demand, KeyPool, NoKey, PoolKey};
+use crate::routing::KeyIndex;
+use crate::time::Time;
+
+pub(in crate::pool) enum Check {
+    Ok {
+        key_trial: Option<u64>,
+        group_trial: Option<u64>,
+    },
+    /// Over its local limit until then.
+    Blocked(Time),
+    /// Resting, short of budget or ahead of its pace: free for one more request then, after
+    /// the requests already promised its next cells.
+    Paced(Time),
+    /// Its circuit is open after upstream failures: no request through it until then.
+    Unreachable(Time),
+    /// Disabled for its quota or bill, and due for its re-check: one real request may go.
+    Recheck,
+    Disabled,
+    Excluded,
+    /// It refused the request's model or endpoint.
+    Refused,
+    /// Its known token limit is below what the request needs.
+    TooSmall,
+}
+
+#[derive(Default)]
+pub(in crate::pool) struct Why {
+    until: Option<Time>,
+    /// The key that frees first, when it is a paced one (a promise can be made on it).
+    paced: Option<KeyIndex>,
+    /// When the first open circuit lets a trial through.
+    unreachable: Option<Time>,
+    excluded: bool,
+    disabled: bool,
+    refused: bool,
+    too_small: bool,
+}
+
+impl Why {
+    pub(in crate::pool) fn note(&mut self, check: &Check, key: KeyIndex) {
+        match *check {
+            Check::Blocked(t) | Check::Paced(t) if self.until.is_none_or(|u| t < u) => {
+                self.until = Some(t);
+                self.paced = matches!(check, Check::Paced(_)).then_some(key);
+            }
+            Check::Unreachable(t) if self.unreachable.is_none_or(|u| t < u) => {
+                self.unreachable = Some(t);
+            }
+            Check::Disabled => self.disabled = true,
+            Check::Excluded => self.excluded = true,
+            Check::Refused => self.refused = true,
+            Check::TooSmall => self.too_small = true,
+            Check::Blocked(_)
+            | Check::Paced(_)
+            | Check::Unreachable(_)
+            | Check::Recheck
+            | Check::Ok { .. } => {}
+        }
+    }
+
+    /// When the key that frees first is paced and frees within the request's wait, promises
+    /// its next cell to this request: the request will come back then for it, and whoever
+    /// asks next is told the cell after it.
+    pub(in crate::pool) fn promise(&self, keys: &[Arc<PoolKey>], demand: &Demand<'_>, now: Time) {
+        if let (Some(index), Some(until)) = (self.paced, self.until) {
+            if until.saturating_since(now) <= demand.will_wait {
+                keys[index as usize]
+                    .state
+                    .held
+                    .fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    pub(in crate::pool) fn verdict(self) -> NoKey {
+        match self {
+            Why {
+                until: Some(until), ..
+            } => NoKey::Busy { until },
+            Why {
+                unreachable: Some(until),
+                ..
+            } => NoKey::Unreachable { until },
+            Why {
+                too_small: true, ..
+            } => NoKey::TooLarge,
+            Why { refused: true, .. } => NoKey::Refused,
+            Why { excluded: true, .. } => NoKey::Exhausted,
+            Why { disabled: true, .. } => NoKey::AllDisabled,
+            _ => NoKey::NoRoute,
+        }
+    }
+}
+
+/// A gate value that means "a trial is under way": report a short, honest wait.
+pub(in crate::pool) const PENDING_WAIT: Duration = Duration::from_secs(1);
+
+impl KeyPool {
+    /// Checks one key, notes why it cannot take the request, or leases it.
+    pub(in crate::pool) fn try_key(
+        &self,
+        index: KeyIndex,
+        demand: &Demand<'_>,
+        now: Time,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let key = &self.keys[index as usize];
+        let check = self.check(key, demand, now);
+        why.note(&check, index);
+        match check {
+            Check::Ok {
+                key_trial,
+                group_trial,
+            } => self.take(key, demand, now, key_trial, group_trial),
+            Check::Recheck => self.recheck(key, demand, now),
+            _ => None,
+        }
+    }
+
+    /// Start-time fair queueing over the candidates (see [`KeyPool::select`]).
+    ///
+    /// Reading a key's tag is one atomic load, while checking whether it can take the
+    /// request is a dozen; so the tags of a window of candidates are read first and only
+    /// then are keys checked, smallest tag first, usually just one. When none in a window
+    /// can take the request, the next window is tried.
+    /// Whether `key` can take the request now, without changing anything.
+    pub(in crate::pool) fn check(&self, key: &PoolKey, demand: &Demand<'_>, now: Time) -> Check {
+        use crate::gate::Pass;
+        let state = &key.state;
+        let excluded = demand.exclude.contains(&key.index);
+        // Disabled before excluded: a key tried and then rejected in this request counts as
+        // disabled, so a pool that rejected every key says so rather than "all tried".
+        if state.disabled.load(Ordering::Acquire) {
+            return if !excluded && state.trial_due(now) && self.serves(key, demand) {
+                Check::Recheck
+            } else {
+                Check::Disabled
+            };
+        }
+        if excluded {
+            return Check::Excluded;
+        }
+        if demand
+            .scope
+            .is_some_and(|s| state.refusals.refuses(s, now).is_some())
+        {
+            return Check::Refused;
+        }
+        if !self.serves(key, demand) {
+            return Check::TooSmall;
+        }
+        let mut rest = now;
+        let key_trial = match state.gate.check(now) {
+            Pass::Open => None,
+            Pass::Until(t) if state.gate.holds_trial() => {
+                return Check::Unreachable(honest(t, now));
+            }
+            Pass::Until(t) => {
+                rest = honest(t, now);
+                None
+            }
+            Pass::Trial(seen) => Some(seen),
+        };
+        let group_trial = match key.group().map_or(Pass::Open, |g| g.gate.check(now)) {
+            Pass::Open => None,
+            Pass::Until(t) => {
+                rest = rest.max(after_probe(t, now));
+                None
+            }
+            Pass::Trial(seen) => Some(seen),
+        };
+        let budget = state
+            .requests
+            .free_at(now, 1)
+            .max(state.tokens.free_at(now, demand.tokens));
+        let blocked = rest > now || budget > now || state.pace.check(now).is_err();
+        if blocked {
+            let paced = promise(state, demand, rest, now);
+            return match state.local.check(paced) {
+                Err(t) => Check::Blocked(t),
+                Ok(()) => Check::Paced(paced),
+            };
+        }
+        if let Err(t) = state.local.check(now) {
+            return Check::Blocked(t);
+        }
+        Check::Ok {
+            key_trial,
+            group_trial,
+        }
+    }
+
+    /// Whether the key's token limit, when known, is large enough for what the request needs
+    /// (the provider said how many tokens it counted; see [`Demand::min_token_limit`]).
+    fn serves(&self, key: &PoolKey, demand: &Demand<'_>) -> bool {
+        demand.min_token_limit == 0
+            || key
+                .state
+                .tokens
+                .limit()
+                .is_some_and(|limit| limit >= demand.min_token_limit)
+    }
+
+    /// Starts the re-check of a key disabled for its quota or bill: this request is it.
+    /// `None` if another request got there first.
+    fn recheck(&self, key: &Arc<PoolKey>, demand: &Demand<'_>, now: Time) -> Option<Lease> {
+        key.state.start_probe_by_request(now).then(|| {
+            Lease::new(
+                key.clone(),
+                demand.tokens,
+                Trial::Probe,
+                None,
+                self.config.unhealthy_penalty,
+                now,
+            )
+        })
+    }
+
+    /// Claims the key's trials and limiter cells, then leases it; `None` if another thread
+    /// got there first.
+    pub(in crate::pool) fn take(
+        &self,
+        key: &Arc<PoolKey>,
+        demand: &Demand<'_>,
+        now: Time,
+        key_trial: Option<u64>,
+        group_trial: Option<u64>,
+    ) -> Option<Lease> {
+        let state = &key.state;
+        if let Some(seen) = key_trial {
+            if !state.gate.claim_trial(seen) {
+                return None;
+            }
+        }
+        let release = || {
+            if let Some(seen) = key_trial {
+                state.gate.release_trial(seen);
+            }
+        };
+        let group = key.group();
+        if let (Some(seen), Some(group)) = (group_trial, group) {
+            if !group.gate.claim_trial(seen) {
+                release();
+                return None;
+            }
+        }
+        let release_all = || {
+            release();
+            if let (Some(seen), Some(group)) = (group_trial, group) {
+                group.gate.release_trial(seen);
+            }
+        };
+        if state.local.try_acquire(now).is_err() {
+            release_all();
+            return None;
+        }
+        if state.pace.try_acquire(now).is_err() {
+            state.local.refund();
+            release_all();
+            return None;
+        }
+        // Whoever takes a cell while some are promised takes the earliest promise: its
+        // holder is due now, or late and gone (it found another key, or gave up).
+        let _ = state
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| h.checked_sub(1));
+        self.advance(key);
+        let trial = if key_trial.is_some() {
+            Trial::Circuit
+        } else {
+            Trial::None
+        };
+        Some(Lease::new(
+            key.clone(),
+            demand.tokens,
+            trial,
+            group_trial,
+            self.config.unhealthy_penalty,
+            now,
+        ))
+    }
+}
+
+/// When a key resting until `rest` frees for one more request after the `n - 1` already
+/// promised its next cells: its `n`-th pace cell from the end of the rest, once its budget
+/// covers `n` such requests.
+pub(in crate::pool) fn promise(
+    state: &KeyState,
+    demand: &Demand<'_>,
+    rest: Time,
+    now: Time,
+) -> Time {
+    let n = state.held.load(Ordering::Acquire).saturating_add(1);
+    let budget = state.requests.free_at(now, u64::from(n)).max(
+        state
+            .tokens
+            .free_at(now, demand.tokens.saturating_mul(u64::from(n))),
+    );
+    state.pace.nth_conforms(rest, n).max(budget)
+}
+
+/// When a throttled group that rests until `until` takes more than its single probe: a
+/// probe's round trip after the rest ends (or from now, when the probe is under way).
+fn after_probe(until: Time, now: Time) -> Time {
+    match honest(until, now) {
+        t if t == until => t + PENDING_WAIT,
+        t => t,
+    }
+}
+
+/// A trial under way has no deadline: say "soon" rather than "never".
+fn honest(until: Time, now: Time) -> Time {
+    if until.as_nanos() >= crate::gate::Gate::PENDING - 1 {
+        now + PENDING_WAIT
+    } else {
+        until
+    }
+}

@@ -1,0 +1,41 @@
+//! Re-checks of disabled keys, and an operator's disable and enable.
+
+use crate::keystate::Trial;
+use crate::lease::{Changes, Lease};
+use crate::pool::KeyPool;
+use crate::routing::KeyIndex;
+use crate::time::Time;
+
+impl KeyPool {
+    /// Disabled keys whose re-check is due at `now`.
+    pub fn due_probes(&self, now: Time) -> Vec<KeyIndex> {
+        self.keys
+            .iter()
+            .filter(|k| k.state.probe_due(now))
+            .map(|k| k.index)
+            .collect()
+    }
+
+    /// Starts the re-check of a disabled key: a lease whose success re-enables it. `None`
+    /// when the key is not disabled, not due, or already being re-checked.
+    pub fn probe(&self, index: KeyIndex, now: Time) -> Option<Lease> {
+        let key = self.keys.get(index as usize)?;
+        key.state.start_probe(now).then(|| {
+            Lease::new(
+                key.clone(),
+                0,
+                Trial::Probe,
+                None,
+                self.config.unhealthy_penalty,
+                now,
+            )
+        })
+    }
+
+    /// An operator disables or re-enables the key with this id; `None` if there is none.
+    pub fn set_disabled(&self, id: &str, disabled: bool, now: Time) -> Option<Changes> {
+        let key = self.keys.iter().find(|k| k.id.as_str() == id)?;
+        let change = key.state.set_manual(disabled, now);
+        Some(Changes::from_key(change))
+    }
+}

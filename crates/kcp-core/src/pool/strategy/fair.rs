@@ -1,0 +1,178 @@
+//! `round_robin_health_weighted`: start-time fair queueing over the keys.
+//!
+//! Each key is a flow whose share is weight × health × rate (Goyal, Vin & Cheng, 1996): every
+//! lease advances its key's tag by `1 / share`, and the key with the smallest start tag
+//! (`max(tag, virtual time)`) among a window of [`FAIR_WINDOW`] candidates wins. The key
+//! furthest behind its share goes first; a key held back by its pace keeps its turn instead of
+//! losing its share, but an idle key earns no credit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::lease::Lease;
+use crate::pool::admission::Why;
+use crate::pool::{Demand, KeyPool, PoolKey};
+use crate::routing::{Candidates, KeyIndex};
+use crate::time::Time;
+
+/// Candidates the fair rotation compares: all of them in pools of up to this many keys,
+/// a rotating window of this many in larger ones, so selection stays O(1) in pool size
+/// when keys are free.
+pub const FAIR_WINDOW: usize = 16;
+
+/// How many strides of the fastest key a tag may lead the virtual time by: keys up to 64
+/// times slower than the fastest keep their exact share.
+pub const MAX_LEAD: f64 = 64.0;
+impl KeyPool {
+    pub(in crate::pool) fn fair(
+        &self,
+        keys: &[KeyIndex],
+        tier: &Candidates<'_>,
+        demand: &Demand<'_>,
+        now: Time,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let n = keys.len();
+        // Up to FAIR_WINDOW keys all fit one window. In a larger pool the windows slide
+        // over the keys with a shared cursor, so that every key is looked at in turn: a key
+        // never seen would fall behind the virtual time and lose its share.
+        let start = if n > FAIR_WINDOW {
+            self.cursor.fetch_add(1, Ordering::Relaxed) % n
+        } else {
+            0
+        };
+        let vtime = f64::from_bits(self.fair.vtime.load(Ordering::Acquire));
+        let lead = self.max_lead();
+        let mut window = [(0.0_f64, 0 as KeyIndex); FAIR_WINDOW];
+        let mut step = 0;
+        while step < n {
+            let mut len = 0;
+            while step < n && len < FAIR_WINDOW {
+                let index = keys[(start + step) % n];
+                step += 1;
+                if tier.admits(index) {
+                    window[len] = (self.tag(index, vtime, lead), index);
+                    len += 1;
+                }
+            }
+            while len > 0 {
+                // Smallest tag first; usually the first one checked takes the request.
+                let mut first = 0;
+                for i in 1..len {
+                    if window[i].0 < window[first].0 {
+                        first = i;
+                    }
+                }
+                let index = window[first].1;
+                len -= 1;
+                window.swap(first, len);
+                if let Some(lease) = self.try_key(index, demand, now, why) {
+                    return Some(lease);
+                }
+            }
+        }
+        None
+    }
+
+    /// A lease on `key` starts: its start tag is `max(tag, virtual time)`, which becomes the
+    /// virtual time, and its tag moves on by `1 / share`.
+    pub(in crate::pool) fn advance(&self, key: &PoolKey) {
+        let vtime = f64::from_bits(self.fair.vtime.load(Ordering::Acquire));
+        let lead = self.max_lead();
+        let stride = 1.0 / self.share(key);
+        let mut start = vtime;
+        // The closure always returns Some, so the update cannot fail.
+        let _ = self.fair.tags[key.index as usize].fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |pass| {
+                start = f64::from_bits(pass).clamp(vtime, vtime + lead);
+                Some((start + stride).to_bits())
+            },
+        );
+        // Non-negative floats order like their bit patterns. Most leases start at the
+        // virtual time itself; only a later start needs the shared write.
+        if start > vtime {
+            self.fair.vtime.fetch_max(start.to_bits(), Ordering::AcqRel);
+        }
+    }
+
+    /// A key's start tag if chosen now: its tag, at least the virtual time. A tag further
+    /// ahead than `lead` is pulled back for good (written back), so the key's turn comes
+    /// once the others catch up instead of trailing the virtual time forever.
+    fn tag(&self, index: KeyIndex, vtime: f64, lead: f64) -> f64 {
+        let slot = &self.fair.tags[index as usize];
+        let raw = slot.load(Ordering::Acquire);
+        let tag = f64::from_bits(raw);
+        if tag > vtime + lead {
+            let pulled = vtime + lead;
+            // Losing this race to a concurrent advance is fine: that one moved the tag.
+            let _ =
+                slot.compare_exchange(raw, pulled.to_bits(), Ordering::AcqRel, Ordering::Acquire);
+            pulled
+        } else {
+            tag.max(vtime)
+        }
+    }
+
+    /// How far a key's tag may run ahead of the virtual time: [`MAX_LEAD`] strides of the
+    /// fastest possible key. Shares change as limits are learned; a tag advanced by a
+    /// stride from before (say, while no limit was known) must not bench the key for ages.
+    fn max_lead(&self) -> f64 {
+        let max_rate = self.fair.max_rpm.load(Ordering::Relaxed).max(1) as f64 / 60.0;
+        MAX_LEAD / (self.fair.max_weight * max_rate)
+    }
+
+    /// A key's share of the fair rotation: weight × health × requests per second (its pace;
+    /// a key whose rate is not known yet counts as the fastest known one).
+    fn share(&self, key: &PoolKey) -> f64 {
+        let state = &key.state;
+        let max_rpm = self.fair.max_rpm.load(Ordering::Relaxed);
+        let rate = match (state.requests.limit(), state.pace.rate_per_sec()) {
+            (Some(rpm), Some(rate)) if rate > 0.0 => {
+                if rpm > max_rpm {
+                    self.fair.max_rpm.fetch_max(rpm, Ordering::Relaxed);
+                }
+                rate
+            }
+            _ => max_rpm as f64 / 60.0,
+        };
+        let health = f64::from(state.health.get()) / f64::from(crate::health::MAX_HEALTH);
+        (f64::from(key.spec.weight) * health * rate).max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The fair queue's state: virtual time, tags and the scale of shares.
+#[derive(Debug)]
+pub(crate) struct FairQueue {
+    /// Virtual time (f64 bits).
+    vtime: AtomicU64,
+    /// Each key's tag (f64 bits), side by side so a window of tags is two cache lines rather
+    /// than sixteen scattered ones.
+    tags: Box<[AtomicU64]>,
+    /// The largest learned or configured requests-per-minute limit.
+    max_rpm: AtomicU64,
+    /// The largest configured weight.
+    max_weight: f64,
+}
+
+impl FairQueue {
+    /// A queue with these tags (f64 bits, in pool order) at virtual time `vtime`.
+    pub(crate) fn new(tags: Vec<u64>, vtime: u64, max_weight: f64, max_rpm: u64) -> Self {
+        FairQueue {
+            vtime: AtomicU64::new(vtime),
+            tags: tags.into_iter().map(AtomicU64::new).collect(),
+            max_rpm: AtomicU64::new(max_rpm),
+            max_weight,
+        }
+    }
+
+    /// The virtual time, for a rebuilt pool to carry on from.
+    pub(crate) fn vtime_bits(&self) -> u64 {
+        self.vtime.load(Ordering::Relaxed)
+    }
+
+    /// A key's tag, for a rebuilt pool to carry on from.
+    pub(crate) fn tag_bits(&self, index: KeyIndex) -> u64 {
+        self.tags[index as usize].load(Ordering::Relaxed)
+    }
+}
