@@ -510,10 +510,7 @@ async fn two_hundred_concurrent_requests_all_succeed() {
     }
     assert_eq!(ok, 200);
     assert_eq!(mock.calls().len(), 200, "one upstream call each");
-    assert_eq!(
-        proxy.app.waiting.load(std::sync::atomic::Ordering::Acquire),
-        0
-    );
+    assert_eq!(proxy.app.queue.len(), 0);
 }
 
 #[tokio::test]

@@ -6,16 +6,12 @@
 //! that very nanosecond, which only the uniform workload produces), then by the order they
 //! were scheduled, so a run is a pure function of the scenario and the seed.
 //!
-//! For [`Policy::Kcp`] each request goes through `KeyPool::select` as the server's attempt
-//! loop (`kcp-server/src/proxy/attempts.rs`) does it: `Ok(lease)` sends the call; the
-//! answer's headers are parsed with `RateLimitHeaders::parse` and reported with
-//! `Lease::record`; a 429 makes the request try another key at once (the tried ones
-//! excluded, each key at most once per round) and notes when that key rests until;
-//! `NoKey::Busy { until }` makes it wait until then (or until the first key it saw 429 frees,
-//! if earlier), `NoKey::Exhausted` until that first key frees; a wait is taken only if the
-//! request waits at most [`MAX_WAITS`] times, [`super::Scenario::max_wait`] in all, and fewer
-//! than [`MAX_QUEUE`] requests are waiting, else the proxy answers 429 at once. After a wait
-//! the round starts over (no key excluded). A client 429 is never retried into the provider.
+//! For [`Policy::Kcp`] each request is a kcp-core `Attempt`, driven exactly as the server
+//! drives it: `Next::Send(lease)` sends the call to the simulated provider, whose answer (its
+//! status and headers, parsed with `RateLimitHeaders::parse`) goes back through
+//! `Attempt::on_answer`; `Next::Sleep` and `Next::Wait` schedule a wake-up, and
+//! `Next::GiveUp` is the proxy's own 429. The retry, wait and queue rules and their constants
+//! are kcp-core's (`RetryPolicy`), with [`super::Scenario::max_wait`] as `max_wait`.
 //!
 //! [`Policy::NaiveRoundRobin`] is the original key-cycle-proxy, implemented here without
 //! kcp-core: rotate, send, on 429 send to the next key until every key was tried, no pacing,
@@ -25,13 +21,15 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use kcp_core::{
-    Demand, KeyIndex, KeyPool, KeySpec, Lease, NoKey, Outcome, PoolConfig, RateLimitHeaders,
-    Secret, SplitMix64, StateChange, Strategy, Time,
+    Action, Answer, Attempt, ClientRequest, KeyPool, KeySpec, Lease, Next, PoolConfig,
+    RateLimitHeaders, Replay, Reply, RetryPolicy, Secret, SplitMix64, Strategy, Time, WaitQueue,
 };
 
 use super::Scenario;
-use super::provider::{Answer, Provider};
+use super::provider::{Provider, Response};
 use super::report::{KeyReport, Report};
 use super::workload::{Arrival, arrivals};
 
@@ -39,10 +37,6 @@ use super::workload::{Arrival, arrivals};
 const MODEL: &str = "gpt-4o-mini";
 /// The url every key points at.
 const URL: &str = "https://api.openai.com/v1";
-/// Waits a request may take (the server's `MAX_WAITS`).
-pub const MAX_WAITS: u32 = 3;
-/// Requests that may wait at once (the server's `rate_limit.max_queue` default).
-pub const MAX_QUEUE: usize = 1024;
 
 /// How the simulated proxy spreads requests over the keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,8 +76,8 @@ pub fn run(scenario: &Scenario, policy: Policy, seed: u64) -> Report {
 #[derive(Debug)]
 enum Kind {
     Arrive,
-    /// A wait that started then ends.
-    Wake(Time),
+    /// A wait (or a retry's backoff) ends.
+    Wake,
     Answer(usize),
 }
 
@@ -99,7 +93,7 @@ impl Event {
     fn key(&self) -> Reverse<(Time, u8, u64)> {
         let rank = match self.kind {
             Kind::Answer(_) => 0,
-            Kind::Wake(_) => 1,
+            Kind::Wake => 1,
             Kind::Arrive => 2,
         };
         Reverse((self.at, rank, self.seq))
@@ -130,20 +124,20 @@ impl Ord for Event {
 struct Request {
     arrival: Time,
     tokens: u64,
-    tried: Vec<KeyIndex>,
-    /// When the first key that answered 429 in this round frees up.
-    cooling: Option<Time>,
-    waits: u32,
-    waited: Duration,
+    /// kcp's policy for this request (`None` for the naive proxy, or once it is over).
+    attempt: Option<Attempt<'static>>,
+    /// The wait-queue place held while the request waits.
+    slot: Option<kcp_core::QueueSlot>,
     first_key: usize,
     calls: u32,
 }
 
+/// A call on its way to the provider and back.
 #[derive(Debug)]
-struct Attempt {
+struct Call {
     key: usize,
     lease: Option<Lease>,
-    answer: Answer,
+    answer: Response,
 }
 
 #[derive(Debug, Default)]
@@ -171,9 +165,10 @@ struct Sim<'a> {
     queue: BinaryHeap<Event>,
     seq: u64,
     requests: Vec<Request>,
-    attempts: Vec<Option<Attempt>>,
+    calls: Vec<Option<Call>>,
     cursor: usize,
-    waiting: usize,
+    waiting: Arc<WaitQueue>,
+    retry: RetryPolicy,
     tally: Tally,
 }
 
@@ -198,9 +193,13 @@ impl<'a> Sim<'a> {
             queue: BinaryHeap::with_capacity(arrivals.len()),
             seq: 0,
             requests: Vec::with_capacity(arrivals.len()),
-            attempts: Vec::with_capacity(arrivals.len() * 2),
+            calls: Vec::with_capacity(arrivals.len() * 2),
             cursor: 0,
-            waiting: 0,
+            waiting: WaitQueue::new(RetryPolicy::default().max_queue),
+            retry: RetryPolicy {
+                max_wait: scenario.max_wait,
+                ..RetryPolicy::default()
+            },
             tally: Tally {
                 waits: Vec::with_capacity(arrivals.len()),
                 per_key_success: vec![0; n],
@@ -209,13 +208,23 @@ impl<'a> Sim<'a> {
             },
         };
         for (i, a) in arrivals.iter().enumerate() {
+            let attempt = (policy != Policy::NaiveRoundRobin).then(|| {
+                Attempt::new(
+                    ClientRequest {
+                        model: Some(MODEL),
+                        scope: Some(MODEL),
+                        tokens: a.tokens,
+                        replay: Replay::BeforeSend,
+                        home: false,
+                    },
+                    sim.retry,
+                )
+            });
             sim.requests.push(Request {
                 arrival: a.at,
                 tokens: a.tokens,
-                tried: Vec::new(),
-                cooling: None,
-                waits: 0,
-                waited: Duration::ZERO,
+                attempt,
+                slot: None,
                 first_key: 0,
                 calls: 0,
             });
@@ -247,69 +256,40 @@ impl<'a> Sim<'a> {
                     self.send(event.request, key, None, now);
                 }
                 (Kind::Arrive, _) => self.dispatch(event.request, now),
-                (Kind::Wake(since), _) => {
-                    self.waiting -= 1;
-                    let r = &mut self.requests[event.request];
-                    r.waits += 1;
-                    r.waited += now.saturating_since(since);
-                    r.tried.clear();
-                    r.cooling = None;
+                (Kind::Wake, _) => {
+                    self.requests[event.request].slot = None;
                     self.dispatch(event.request, now);
                 }
-                (Kind::Answer(attempt), _) => self.answered(event.request, attempt, now),
+                (Kind::Answer(call), _) => self.answered(event.request, call, now),
             }
         }
     }
 
-    /// kcp: select a key, or wait, or refuse.
+    /// kcp: ask the request's attempt what to do, and do it.
     fn dispatch(&mut self, request: usize, now: Time) {
         let Some(pool) = &self.pool else {
             return;
         };
-        let r = &self.requests[request];
-        let will_wait = if r.waits < MAX_WAITS && self.waiting < MAX_QUEUE {
-            self.scenario.max_wait.saturating_sub(r.waited)
-        } else {
-            Duration::ZERO
+        let Some(attempt) = self.requests[request].attempt.as_mut() else {
+            return;
         };
-        let demand = Demand {
-            model: Some(MODEL),
-            tokens: r.tokens,
-            exclude: &r.tried,
-            will_wait,
-        };
-        let cooling = r.cooling;
-        match pool.select(&demand, now, &mut self.rng) {
-            Ok(lease) => {
+        match attempt.next(pool, &self.waiting, now, &mut self.rng) {
+            Next::Send(lease) => {
                 let key = lease.index() as usize;
                 self.send(request, key, Some(lease), now);
             }
-            Err(NoKey::Busy { until }) => {
-                self.wait(request, cooling.map_or(until, |c| c.min(until)), now);
+            Next::Sleep(delay) => self.schedule(now + delay, request, Kind::Wake),
+            Next::Wait(wait) => {
+                self.requests[request].slot = Some(wait.slot);
+                // A deadline at `now` would spin: wake a microsecond later at the earliest.
+                let at = wait.until.max(now + Duration::from_micros(1));
+                self.schedule(at, request, Kind::Wake);
             }
-            Err(NoKey::Exhausted) if cooling.is_some() => {
-                self.wait(request, cooling.unwrap_or(now), now);
+            Next::GiveUp(_) => {
+                self.requests[request].attempt = None;
+                self.refuse(request, now);
             }
-            Err(_) => self.refuse(request, now),
         }
-    }
-
-    /// Waits until `until` for a key, or refuses when that is too long, the request already
-    /// waited its share, or the queue is full.
-    fn wait(&mut self, request: usize, until: Time, now: Time) {
-        let r = &self.requests[request];
-        let wait = until.saturating_since(now);
-        let fits = r.waits < MAX_WAITS
-            && r.waited + wait <= self.scenario.max_wait
-            && self.waiting < MAX_QUEUE;
-        if !fits {
-            self.refuse(request, now);
-            return;
-        }
-        self.waiting += 1;
-        // A deadline at `now` would spin: wake a microsecond later at the earliest.
-        let at = until.max(now + Duration::from_micros(1));
-        self.schedule(at, request, Kind::Wake(now));
     }
 
     fn send(&mut self, request: usize, key: usize, lease: Option<Lease>, now: Time) {
@@ -321,13 +301,13 @@ impl<'a> Sim<'a> {
         self.tally.upstream_calls += 1;
         let answer = self.provider.call(key, r.tokens, now);
         let at = now + answer.latency;
-        self.attempts.push(Some(Attempt { key, lease, answer }));
-        let id = self.attempts.len() - 1;
+        self.calls.push(Some(Call { key, lease, answer }));
+        let id = self.calls.len() - 1;
         self.schedule(at, request, Kind::Answer(id));
     }
 
-    fn answered(&mut self, request: usize, attempt: usize, now: Time) {
-        let Some(Attempt { key, lease, answer }) = self.attempts[attempt].take() else {
+    fn answered(&mut self, request: usize, call: usize, now: Time) {
+        let Some(Call { key, lease, answer }) = self.calls[call].take() else {
             return;
         };
         let limits = RateLimitHeaders::parse(
@@ -335,24 +315,15 @@ impl<'a> Sim<'a> {
             Duration::ZERO,
         );
         let ok = answer.status == 200;
-        // When the key (or its group) rests until, after a 429.
-        let mut free = now;
-        if let Some(lease) = lease {
-            let outcome = if ok {
-                Outcome::Success {
-                    latency: answer.latency,
-                    limits,
-                }
-            } else {
-                Outcome::RateLimited { limits }
-            };
-            for change in lease.record(outcome, now).iter() {
-                if let StateChange::Cooling { until } | StateChange::GroupThrottled { until } =
-                    change
-                {
-                    free = free.max(until);
-                }
-            }
+        if let (Some(lease), Some(attempt)) = (lease, self.requests[request].attempt.as_mut()) {
+            let reply = Answer::Reply(Reply {
+                status: answer.status,
+                limits,
+                latency: answer.latency,
+                ..Reply::default()
+            });
+            let verdict = attempt.on_answer(lease, &reply, now);
+            debug_assert_eq!(verdict.action == Action::Deliver, ok);
         }
         if ok {
             self.tally.per_key_success[key] += 1;
@@ -376,11 +347,7 @@ impl<'a> Sim<'a> {
                 self.send(request, next, None, now);
             }
             Policy::NaiveRoundRobin => self.refuse(request, now),
-            _ => {
-                r.tried.push(key as KeyIndex);
-                r.cooling = Some(r.cooling.map_or(free, |c| c.min(free)));
-                self.dispatch(request, now);
-            }
+            _ => self.dispatch(request, now),
         }
     }
 

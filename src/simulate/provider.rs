@@ -188,7 +188,7 @@ struct KeyBuckets {
 
 /// The provider's answer to one call.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
+pub struct Response {
     /// 200 or 429.
     pub status: u16,
     /// Response headers as the provider writes them.
@@ -227,7 +227,7 @@ impl Provider {
     }
 
     /// One call on key `key` costing `tokens`, arriving at `now`.
-    pub fn call(&mut self, key: usize, tokens: u64, now: Time) -> Answer {
+    pub fn call(&mut self, key: usize, tokens: u64, now: Time) -> Response {
         let throttled = self.org.as_ref().and_then(|org| {
             let member = self.keys[key].limits.organization.as_deref() == Some(&org.organization);
             member.then(|| org.episode_end(now)).flatten()
@@ -267,7 +267,7 @@ impl Provider {
             (429, REFUSAL_MS)
         };
         let latency = Duration::from_millis(range.0 + self.rng.below(range.1 - range.0 + 1));
-        Answer {
+        Response {
             status,
             headers,
             latency,
@@ -328,7 +328,7 @@ mod tests {
     use super::*;
     use kcp_core::RateLimitHeaders;
 
-    fn parse(answer: &Answer) -> RateLimitHeaders {
+    fn parse(answer: &Response) -> RateLimitHeaders {
         RateLimitHeaders::parse(
             answer.headers.iter().map(|(n, v)| (*n, v.as_bytes())),
             Duration::ZERO,
@@ -346,7 +346,7 @@ mod tests {
         ] {
             let d = Duration::from_millis(ms);
             assert_eq!(go_duration(d), text);
-            assert_eq!(kcp_core::ratelimit_headers::parse_reset(text), Some(d));
+            assert_eq!(kcp_core::parse_reset(text), Some(d));
         }
     }
 

@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use kcp_core::snapshot::LearnedLimits;
+use kcp_core::LearnedLimits;
 
 use super::driver::Policy;
 

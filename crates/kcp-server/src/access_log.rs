@@ -113,6 +113,14 @@ pub fn log_state_change(key: &str, change: &StateChange, now: Time) {
             reason = reason.as_str(),
             "key disabled"
         ),
+        StateChange::ModelRefused { until } => tracing::warn!(
+            target: STATE_TARGET,
+            key,
+            state = "model_refused",
+            reason = "model_or_endpoint_refused",
+            for_secs = secs_until(until, now),
+            "key refused the requested model or endpoint: other keys serve it until the re-check"
+        ),
         StateChange::Enabled => tracing::warn!(
             target: STATE_TARGET,
             key,

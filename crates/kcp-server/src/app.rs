@@ -8,11 +8,11 @@
 //! warm connections.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, Strategy};
+use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, Strategy, WaitQueue};
 use kcp_upstream::{Upstream, UpstreamConfig};
 use prometheus::Registry;
 
@@ -36,8 +36,8 @@ pub struct App {
     pub upstream: Upstream,
     /// Set once shutdown begins: the proxy finishes what it has and takes nothing new.
     pub draining: AtomicBool,
-    /// Requests waiting for a cooling key right now (the bounded queue of `rate_limit`).
-    pub waiting: AtomicUsize,
+    /// Requests waiting for a key right now (the bounded queue of `rate_limit`).
+    pub queue: Arc<WaitQueue>,
     /// The proxy's metrics, registered in [`App::registry`].
     pub metrics: Metrics,
     /// Every metric of this server, rendered on `/metrics` ([`crate::observe`]).
@@ -67,12 +67,13 @@ impl App {
             Metrics::new(&registry).expect("a fresh registry holds none of the proxy's metrics");
         let policies = Policies::new(&loaded);
         let inflight = InflightLimit::new(loaded.config.server.max_inflight);
+        let queue = WaitQueue::new(loaded.config.rate_limit.max_queue);
         let app = App {
             pool: ArcSwap::from_pointee(pool),
             config: ArcSwap::from_pointee(loaded),
             upstream,
             draining: AtomicBool::new(false),
-            waiting: AtomicUsize::new(0),
+            queue,
             metrics,
             registry,
             policies: ArcSwap::from_pointee(policies),

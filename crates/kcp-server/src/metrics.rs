@@ -76,11 +76,15 @@ pub enum UpstreamOutcome {
     ConnectError,
     /// Any other 4xx: the request's own fault, passed through.
     ClientError,
+    /// A 403/404 refusing the model or endpoint for this key.
+    ModelRefused,
+    /// A 429 "request too large" for this key's token limit.
+    TooLarge,
 }
 
 impl UpstreamOutcome {
     /// Every outcome, in label order.
-    pub const ALL: [UpstreamOutcome; 8] = [
+    pub const ALL: [UpstreamOutcome; 10] = [
         UpstreamOutcome::Success,
         UpstreamOutcome::RateLimited,
         UpstreamOutcome::Quota,
@@ -89,6 +93,8 @@ impl UpstreamOutcome {
         UpstreamOutcome::Timeout,
         UpstreamOutcome::ConnectError,
         UpstreamOutcome::ClientError,
+        UpstreamOutcome::ModelRefused,
+        UpstreamOutcome::TooLarge,
     ];
 
     /// The label value.
@@ -102,6 +108,8 @@ impl UpstreamOutcome {
             UpstreamOutcome::Timeout => "timeout",
             UpstreamOutcome::ConnectError => "connect_error",
             UpstreamOutcome::ClientError => "client_error",
+            UpstreamOutcome::ModelRefused => "model_refused",
+            UpstreamOutcome::TooLarge => "too_large",
         }
     }
 }
@@ -115,6 +123,8 @@ impl UpstreamOutcome {
             UpstreamOutcome::Success | UpstreamOutcome::ClientError => None,
             UpstreamOutcome::RateLimited => Some("rate_limited"),
             UpstreamOutcome::Quota | UpstreamOutcome::Auth => Some("key_rejected"),
+            UpstreamOutcome::ModelRefused => Some("model_refused"),
+            UpstreamOutcome::TooLarge => Some("too_large"),
             UpstreamOutcome::ServerError => Some("server_error"),
             UpstreamOutcome::Timeout => Some("timeout"),
             UpstreamOutcome::ConnectError => Some("connect_error"),
@@ -455,7 +465,7 @@ pub fn render(registry: &Registry) -> Result<String, prometheus::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kcp_core::snapshot::{LearnedLimits, OutcomeCounts};
+    use kcp_core::{LearnedLimits, OutcomeCounts};
 
     fn setup() -> (Registry, Metrics) {
         let registry = Registry::new();
@@ -491,6 +501,7 @@ mod tests {
             latency_ms: None,
             outcomes: OutcomeCounts::default(),
             limits: LearnedLimits::default(),
+            refused: Vec::new(),
         }
     }
 
@@ -778,6 +789,8 @@ mod tests {
             HashSet::from([
                 "rate_limited",
                 "key_rejected",
+                "model_refused",
+                "too_large",
                 "server_error",
                 "timeout",
                 "connect_error"

@@ -133,6 +133,43 @@ impl OpenAiError {
         )
     }
 
+    /// 503 `upstream_unavailable`: every usable key's circuit is open after failures to reach
+    /// the provider; the first lets a trial through in about `retry_after_secs`.
+    pub fn provider_unreachable(retry_after_secs: u64) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "upstream_unavailable",
+            format!("The upstream API cannot be reached (connections failed or timed out on every key); the proxy tries again in about {retry_after_secs} s."),
+        )
+        .retry_after(retry_after_secs)
+    }
+
+    /// 404 `model_not_found`: every key that serves the model (or endpoint) was lately
+    /// refused it by the provider; each is re-checked after a backoff.
+    pub fn refused_by_every_key(scope: &str) -> Self {
+        let shown: String = scope.chars().take(128).collect();
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "The provider refused `{shown}` for every API key in this proxy's pool that serves it; they are re-checked after a backoff."
+            ),
+        )
+    }
+
+    /// 413 `request_too_large`: the provider reported that the request needs more tokens
+    /// than any key's limit allows.
+    pub fn too_large_for_every_key() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            "The request needs more tokens than the limit of any API key in this proxy's pool that serves its model.",
+        )
+    }
+
     /// 504 `upstream_timeout`: no response headers in time.
     pub fn upstream_timeout() -> Self {
         Self::new(

@@ -87,6 +87,7 @@ impl App {
         }
         self.policies.store(Arc::new(policies));
         self.pool.store(Arc::clone(&pool));
+        self.queue.set_max(loaded.config.rate_limit.max_queue);
         self.config.store(Arc::new(loaded));
         self.on_pool_swapped(&pool);
         self.reloads.send_modify(|count| *count += 1);

@@ -131,6 +131,20 @@ impl UpstreamError {
         !matches!(self.kind(), ErrorKind::Connect | ErrorKind::Tls)
     }
 
+    /// What went wrong, in an operator's words: `DNS failure`, `connection refused`,
+    /// `connect timeout`, `TLS error`, `timeout`, ... (no host, no path, no secret).
+    pub fn cause(&self) -> &'static str {
+        match &*self.0 {
+            Repr::Connect { source, .. } => connect_cause(source),
+            Repr::Credentials { .. } => "credentials in the URL",
+            Repr::Tls { .. } => "TLS error",
+            Repr::HeadersTimeout { .. } => "timeout",
+            Repr::BodyIdleTimeout { .. } => "body idle timeout",
+            Repr::Protocol { .. } => "connection broke",
+            Repr::Body { .. } => "body failed",
+        }
+    }
+
     /// Classifies a failure of the client before response headers.
     pub(crate) fn from_client(origin: Origin, source: hyper_util::client::legacy::Error) -> Self {
         let repr = if !source.is_connect() {
@@ -162,6 +176,30 @@ impl UpstreamError {
     }
 }
 
+/// Why a connect failed, from the error chain: hyper-util's connector names DNS failures in
+/// its message, and the operating system's refusal or timeout is an `io::ErrorKind`.
+fn connect_cause(error: &(dyn StdError + 'static)) -> &'static str {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let text = error.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return "DNS failure";
+        }
+        if let Some(io) = error.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::ConnectionRefused => return "connection refused",
+                io::ErrorKind::TimedOut => return "connect timeout",
+                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                    return "host unreachable";
+                }
+                _ => {}
+            }
+        }
+        next = error.source();
+    }
+    "connect failed"
+}
+
 /// Whether a `rustls::Error` is anywhere in the chain. `io::Error::source` skips the error it
 /// wraps (it returns that error's source), so wrapped errors are reached through `get_ref`.
 fn chain_has_rustls_error(error: &(dyn StdError + 'static)) -> bool {
@@ -191,6 +229,17 @@ mod tests {
         assert!(chain_has_rustls_error(&tls));
         let plain = io::Error::other(io::Error::from(io::ErrorKind::ConnectionRefused));
         assert!(!chain_has_rustls_error(&plain));
+    }
+
+    #[test]
+    fn connect_causes_are_named() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(connect_cause(&refused), "connection refused");
+        let dns = io::Error::other("dns error: failed to lookup address information");
+        assert_eq!(connect_cause(&dns), "DNS failure");
+        let timeout = io::Error::from(io::ErrorKind::TimedOut);
+        assert_eq!(connect_cause(&timeout), "connect timeout");
+        assert_eq!(connect_cause(&io::Error::other("x")), "connect failed");
     }
 
     #[test]

@@ -2,21 +2,19 @@
 //!
 //! One module per concept: [`model`] reads the model from the body, [`stateful`] tells which
 //! endpoints stick to a home key, [`headers`] and [`target_url`] shape the upstream request,
-//! [`attempts`] runs the attempt loop by error class (with [`classify`], [`backoff`] and
-//! [`wait`]), [`body`] streams the answer back, [`report`] sums up what happened, and
+//! [`attempts`] performs what kcp-core's attempt policy decides (reading each answer with
+//! [`reply`]), [`body`] streams the answer back, [`report`] sums up what happened, and
 //! [`probe`] re-checks disabled keys in the background.
 
 pub mod attempts;
-pub mod backoff;
 pub mod body;
-pub mod classify;
 pub mod headers;
 pub mod model;
 pub mod probe;
+pub mod reply;
 pub mod report;
 pub mod stateful;
 pub mod target_url;
-pub mod wait;
 
 use std::borrow::Cow;
 
@@ -53,6 +51,7 @@ pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBod
         Cow::Borrowed(name) => ModelName::within(&body, name),
         Cow::Owned(name) => ModelName::from(name),
     });
+    let idempotency_key = parts.headers.contains_key("idempotency-key");
     let mut headers = parts.headers;
     headers::rewrite_request(&mut headers);
     let request = attempts::Outgoing {
@@ -61,8 +60,14 @@ pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBod
         headers: &headers,
         body: &body,
         model: model.as_ref().filter(|_| routed).map(ModelName::as_str),
+        scope: model
+            .as_ref()
+            .filter(|_| routed)
+            .map(ModelName::as_str)
+            .or_else(|| Some(endpoint(parts.uri.path()))),
         tokens,
         stateful,
+        idempotency_key,
     };
     let report = Report {
         model: model.clone(),
@@ -70,4 +75,32 @@ pub async fn forward(app: &App, parts: Parts, body: Bytes) -> (Response<ProxyBod
     };
     let unfinished = parts.extensions.get::<Unfinished>().cloned();
     attempts::forward(app, &config.config, &request, report, unfinished).await
+}
+
+/// The endpoint of a path, what a key's refusal is about when the request names no model:
+/// `/v1/` and the next two segments (`/v1/audio/speech`, `/v1/models`), without ids beyond.
+pub fn endpoint(path: &str) -> &str {
+    let mut end = path.len();
+    let mut slashes = 0;
+    for (i, b) in path.bytes().enumerate() {
+        if b == b'/' {
+            slashes += 1;
+            if slashes == 4 {
+                end = i;
+                break;
+            }
+        }
+    }
+    &path[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoints_keep_two_segments_after_v1() {
+        assert_eq!(super::endpoint("/v1/audio/speech"), "/v1/audio/speech");
+        assert_eq!(super::endpoint("/v1/models"), "/v1/models");
+        assert_eq!(super::endpoint("/v1/models/gpt-4o/x"), "/v1/models/gpt-4o");
+        assert_eq!(super::endpoint("/"), "/");
+    }
 }

@@ -1,10 +1,12 @@
 //! Re-checks of disabled keys.
 //!
-//! A key the provider rejected (401, 402, 403, exhausted quota) is out of rotation, but keys
-//! get restored and quotas topped up. kcp-core says which disabled keys are due for a
-//! re-check (on a backoff from a minute to an hour); this task asks every [`INTERVAL`],
-//! sends each due key `GET <url>/v1/models` (free, and answered only for a valid key) and
-//! records the outcome on the probe lease: a success puts the key back.
+//! A key the provider rejected (401, a 403 about the key) is out of rotation, but keys get
+//! restored. kcp-core says which disabled keys are due for a re-check (on a backoff from a
+//! minute to an hour); this task asks every [`INTERVAL`], sends each due key
+//! `GET <url>/v1/models` (free, and answered only for a valid key) and records the answer on
+//! the probe lease: a success puts the key back. Keys disabled for a spent quota or an unpaid
+//! bill are not probed here (that endpoint answers 200 for them): kcp-core lets one real
+//! request through as their re-check.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +14,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request};
 use http_body_util::Full;
-use kcp_core::{Changes, Lease, Outcome};
+use kcp_core::{Answer, Changes, Lease};
 
-use super::classify;
+use super::attempts::{failure_of, log_changes};
 use super::headers;
+use super::reply;
 use super::target_url;
-use crate::access_log::log_state_change;
 use crate::app::App;
 use crate::clock;
 
@@ -47,28 +49,30 @@ pub async fn run(app: Arc<App>) {
 /// Re-checks the key of a probe lease (from `KeyPool::probe`) and records the outcome.
 pub async fn check(app: &App, lease: Lease) -> Changes {
     let key = lease.id().clone();
-    let outcome = match request(&lease) {
-        Some(request) => {
-            let started = clock::now();
-            match app.upstream.send(request).await {
-                Ok(response) => {
-                    let latency = clock::now().saturating_since(started);
-                    classify::classify(response).await.outcome(latency)
-                }
-                Err(error) => Outcome::Upstream {
-                    failure: classify::failure_of(error.kind()),
-                    retry_after: None,
-                },
-            }
-        }
-        None => Outcome::Cancelled,
+    let Some(request) = request(&lease) else {
+        return lease.record(kcp_core::Outcome::Cancelled, clock::now());
     };
-    tracing::debug!(key = key.as_str(), outcome = ?outcome.class(), "key re-checked");
-    let now = clock::now();
-    let changes = lease.record(outcome, now);
-    for change in changes.iter() {
-        log_state_change(key.as_str(), &change, now);
-    }
+    let started = clock::now();
+    let changes = match app.upstream.send(request).await {
+        Ok(response) => {
+            let latency = clock::now().saturating_since(started);
+            let read = reply::read(response).await;
+            lease.record_answer(&read.answer(latency), clock::now())
+        }
+        Err(error) => {
+            let answer = Answer::Failed {
+                failure: failure_of(error.kind()),
+                reached: error.may_have_reached_upstream(),
+            };
+            lease.record_answer(&answer, clock::now())
+        }
+    };
+    tracing::debug!(
+        key = key.as_str(),
+        changed = !changes.is_empty(),
+        "key re-checked"
+    );
+    log_changes(&key, &changes, clock::now());
     changes
 }
 
