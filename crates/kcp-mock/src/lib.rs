@@ -8,13 +8,19 @@
 //! [`MockUpstream::cancelled`]; this is how tests see that a client disconnect reached upstream.
 //!
 //! The server speaks HTTP/1.1 and h2 (prior knowledge in plain text, ALPN over TLS). The TLS
-//! variant uses a fresh CA per instance, written as PEM to [`MockUpstream::ca_file`].
+//! variant (cargo feature `tls`) uses a fresh CA per instance, written as PEM to
+//! [`MockUpstream::ca_file`].
+//!
+//! It is a crate of its own, not a test module, so that `kcp-server demo` plays the very same
+//! upstream the tests do.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+#[cfg(feature = "tls")]
+use std::net::IpAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,17 +37,25 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+#[cfg(feature = "tls")]
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
+#[cfg(feature = "tls")]
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Sleep;
+#[cfg(feature = "tls")]
 use tokio_rustls::TlsAcceptor;
+
+/// Without the `tls` feature no acceptor can exist.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone, Debug)]
+enum TlsAcceptor {}
 
 /// Model named in responses when the request body names none.
 pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
@@ -221,6 +235,7 @@ impl MockUpstream {
 
     /// HTTPS (ALPN `h2`, `http/1.1`) with a fresh CA; the certificate covers `localhost` and
     /// `127.0.0.1`.
+    #[cfg(feature = "tls")]
     pub async fn start_tls() -> MockUpstream {
         let (acceptor, pem) = tls_acceptor();
         Self::launch(Some((acceptor, pem))).await
@@ -558,6 +573,9 @@ async fn serve_connection(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<
         None => {
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
+        #[cfg(feature = "tls")]
         Some(acceptor) => {
             if let Ok(stream) = acceptor.accept(tcp).await {
                 let _ = builder
@@ -892,6 +910,7 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 /// A fresh CA and a `localhost` / `127.0.0.1` server certificate it signed.
+#[cfg(feature = "tls")]
 fn tls_acceptor() -> (TlsAcceptor, String) {
     let ca_key = KeyPair::generate().expect("generate CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
