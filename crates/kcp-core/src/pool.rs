@@ -794,6 +794,14 @@ impl KeyPool {
         Some(Changes::from_key(change))
     }
 
+    /// An operator wants the key with this id re-checked now: `Some(true)` when its re-check
+    /// is due from `now` on, `Some(false)` when it is not disabled or was disabled by an
+    /// operator (nothing to re-check), `None` when there is no such key.
+    pub fn recheck_now(&self, id: &str, now: Time) -> Option<bool> {
+        let key = self.keys.iter().find(|k| k.id.as_str() == id)?;
+        Some(key.state.probe_now(now))
+    }
+
     pub(crate) fn keys(&self) -> &[Arc<PoolKey>] {
         &self.keys
     }
