@@ -22,3 +22,4 @@ pub mod request_id;
 pub mod serve;
 pub mod service;
 pub mod signals;
+pub mod status;
