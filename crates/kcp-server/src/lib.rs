@@ -10,6 +10,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod cors;
+pub mod demo;
+pub mod healthcheck;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
