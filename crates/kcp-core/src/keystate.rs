@@ -428,6 +428,19 @@ impl KeyState {
                 .is_some_and(|d| d.probe_due(now) && !d.reason.rechecked_by_request())
     }
 
+    /// Makes the re-check of a key disabled by the provider due at `now`.
+    pub(crate) fn probe_now(&self, now: Time) -> bool {
+        match &mut self.policy().disabled {
+            Some(d) if d.reason != DisableReason::Manual => {
+                d.probe_at = d.probe_at.min(now);
+                let disabled = *d;
+                self.publish_trial(Some(disabled));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// An operator disables (`true`) or enables (`false`) the key.
     pub(crate) fn set_manual(&self, disable: bool, now: Time) -> Option<StateChange> {
         let mut policy = self.policy();

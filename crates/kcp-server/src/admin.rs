@@ -4,8 +4,9 @@
 //! limits spent), take a key out before revoking it, put it back, and reload the config
 //! without a restart. The API is served on the metrics listener (loopback by default) and is
 //! off unless `observability.admin_token` is set; every request must carry
-//! `Authorization: Bearer <admin_token>`, compared in constant time. Authentication comes
-//! before routing, so without the token nothing about routes or key names is revealed.
+//! `Authorization: Bearer <admin_token>` (or HTTP Basic with the token as the password, which
+//! is what a browser on the status page sends), compared in constant time. Authentication
+//! comes before routing, so without the token nothing about routes or key names is revealed.
 //!
 //! Routes (everything else under `/admin` is 404):
 //! - `GET /admin/keys`: `{"keys":[…]}`, one [`kcp_core::KeySnapshot`] per key (name,
@@ -13,6 +14,9 @@
 //!   learned limits); snapshots never contain a secret.
 //! - `POST /admin/keys/{name}/disable`, `POST /admin/keys/{name}/enable`: the key's new
 //!   snapshot, or 404 for an unknown name. `{name}` may be percent-encoded.
+//! - `POST /admin/keys/{name}/recheck`: the re-check of a key the provider rejected is due
+//!   now (the re-check task sends it within a second); its snapshot, or 409 when the key is
+//!   not disabled by the provider (nothing to re-check).
 //! - `POST /admin/reload`: `{"reloaded":true,"keys":N}`, or 400 with the config error
 //!   (which never contains secrets) while the running config stays in effect.
 //!
@@ -26,6 +30,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::Full;
 use kcp_core::{Changes, KeyPool, Secret};
 use serde::Serialize;
+
+use base64::Engine;
 
 use crate::auth::{bearer_token, matches_any};
 use crate::clock;
@@ -58,6 +64,7 @@ pub struct Admin {
 enum Route {
     Keys,
     SetDisabled { name: String, disable: bool },
+    Recheck { name: String },
     Reload,
     Unknown,
 }
@@ -87,14 +94,14 @@ impl Admin {
         ops: &dyn AdminOps,
     ) -> Response<B> {
         let parts = request.into_parts().0;
-        let Some(token) = &self.token else {
+        if self.token.is_none() {
             return admin_off().into_response();
-        };
+        }
         let path = parts.uri.path();
         if !Self::is_admin_path(path) {
             return unknown_route(&parts.method, path).into_response();
         }
-        if !authorized(token, &parts.headers) {
+        if !self.authorized(&parts.headers) {
             tracing::warn!(method = %parts.method, "admin: request without a valid token");
             return unauthorized().into_response();
         }
@@ -104,22 +111,46 @@ impl Admin {
                 json(StatusCode::OK, &serde_json::json!({ "keys": keys }))
             }
             Route::SetDisabled { name, disable } => set_disabled(ops, &name, disable),
+            Route::Recheck { name } => recheck(ops, &name),
             Route::Reload => reload(ops),
             Route::Unknown => unknown_route(&parts.method, path).into_response(),
         }
     }
 }
 
-/// Whether any `Authorization: Bearer` value is the admin token.
-fn authorized(token: &Secret, headers: &HeaderMap) -> bool {
-    let keys = std::slice::from_ref(token);
-    let mut found = subtle::Choice::from(0);
-    for value in headers.get_all(header::AUTHORIZATION) {
-        if let Some(presented) = bearer_token(value) {
-            found |= matches_any(keys, presented);
+impl Admin {
+    /// Whether `headers` carry the admin token: `Authorization: Bearer <token>`, or HTTP
+    /// Basic with any user and the token as the password. False when the API is off.
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let keys = std::slice::from_ref(token);
+        let mut found = subtle::Choice::from(0);
+        for value in headers.get_all(header::AUTHORIZATION) {
+            if let Some(presented) = bearer_token(value) {
+                found |= matches_any(keys, presented);
+            } else if let Some(password) = basic_password(value) {
+                found |= matches_any(keys, &password);
+            }
         }
+        bool::from(found)
     }
-    bool::from(found)
+}
+
+/// The password of an `Authorization: Basic base64(user:password)` value (RFC 7617).
+fn basic_password(value: &HeaderValue) -> Option<Vec<u8>> {
+    let value = value.as_bytes().trim_ascii();
+    let split = value.iter().position(|b| *b == b' ')?;
+    let (scheme, credentials) = value.split_at(split);
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials.trim_ascii())
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 fn route(method: &Method, path: &str) -> Route {
@@ -130,13 +161,19 @@ fn route(method: &Method, path: &str) -> Route {
             .strip_prefix("/admin/keys/")
             .and_then(|rest| rest.split_once('/'))
             .and_then(|(name, action)| {
-                let disable = match action {
-                    "disable" => true,
-                    "enable" => false,
-                    _ => return None,
-                };
                 let name = percent_decode(name).filter(|n| !n.is_empty())?;
-                Some(Route::SetDisabled { name, disable })
+                match action {
+                    "disable" => Some(Route::SetDisabled {
+                        name,
+                        disable: true,
+                    }),
+                    "enable" => Some(Route::SetDisabled {
+                        name,
+                        disable: false,
+                    }),
+                    "recheck" => Some(Route::Recheck { name }),
+                    _ => None,
+                }
             })
             .unwrap_or(Route::Unknown),
         _ => Route::Unknown,
@@ -160,6 +197,22 @@ fn set_disabled<B: From<Full<Bytes>>>(
     match pool.snapshot(now).into_iter().find(|k| k.name == name) {
         Some(snapshot) => json(StatusCode::OK, &snapshot),
         None => key_not_found(name).into_response(),
+    }
+}
+
+fn recheck<B: From<Full<Bytes>>>(ops: &dyn AdminOps, name: &str) -> Response<B> {
+    let pool = ops.pool();
+    let now = clock::now();
+    match pool.recheck_now(name, now) {
+        None => key_not_found(name).into_response(),
+        Some(false) => nothing_to_recheck(name).into_response(),
+        Some(true) => {
+            tracing::info!(key = %name, "admin: re-check requested by operator");
+            match pool.snapshot(now).into_iter().find(|k| k.name == name) {
+                Some(snapshot) => json(StatusCode::OK, &snapshot),
+                None => key_not_found(name).into_response(),
+            }
+        }
     }
 }
 
@@ -257,7 +310,8 @@ fn unknown_route(method: &Method, path: &str) -> OpenAiError {
         "unknown_url",
         format!(
             "Unknown admin route `{method} {}`: the admin API serves GET /admin/keys, \
-             POST /admin/keys/{{name}}/disable, POST /admin/keys/{{name}}/enable and POST /admin/reload.",
+             POST /admin/keys/{{name}}/disable, POST /admin/keys/{{name}}/enable, \
+             POST /admin/keys/{{name}}/recheck and POST /admin/reload.",
             shorten(path)
         ),
     )
@@ -270,6 +324,19 @@ fn key_not_found(name: &str) -> OpenAiError {
         "key_not_found",
         format!(
             "No key named `{}` in the pool: GET /admin/keys lists the names.",
+            shorten(name)
+        ),
+    )
+}
+
+fn nothing_to_recheck(name: &str) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::CONFLICT,
+        "invalid_request_error",
+        "nothing_to_recheck",
+        format!(
+            "Key `{}` is not disabled by the provider, so there is nothing to re-check: \
+             POST /admin/keys/{{name}}/enable puts back a key an operator disabled.",
             shorten(name)
         ),
     )
@@ -529,6 +596,45 @@ mod tests {
             message.contains("max_inflight must be at least 1"),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn basic_auth_with_the_token_as_password_is_accepted() {
+        let ops = FakeOps::new(Ok(2));
+        let basic = |credentials: &str| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+            Request::get("/admin/keys")
+                .header(header::AUTHORIZATION, format!("Basic {encoded}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request")
+        };
+        for user in ["", "admin", "anyone"] {
+            let (status, _) = call(&admin(), &ops, basic(&format!("{user}:{TOKEN}"))).await;
+            assert_eq!(status, StatusCode::OK, "user {user:?}");
+        }
+        for wrong in [TOKEN.to_owned(), format!("{TOKEN}:"), format!("x:{TOKEN}x")] {
+            let (status, _) = call(&admin(), &ops, basic(&wrong)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn recheck_needs_a_key_the_provider_disabled() {
+        let ops = FakeOps::new(Ok(2));
+        let (status, body) = authed(&ops, Method::POST, "/admin/keys/alpha/recheck").await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(body["error"]["code"], "nothing_to_recheck");
+        authed(&ops, Method::POST, "/admin/keys/alpha/disable").await;
+        let (status, body) = authed(&ops, Method::POST, "/admin/keys/alpha/recheck").await;
+        assert_eq!(
+            status,
+            StatusCode::CONFLICT,
+            "a manual disable is not re-checked"
+        );
+        assert_eq!(body["error"]["code"], "nothing_to_recheck");
+        let (status, body) = authed(&ops, Method::POST, "/admin/keys/nobody/recheck").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"]["code"], "key_not_found");
     }
 
     #[test]

@@ -4,14 +4,19 @@
 //! grace period ran out and the rest was cut; 64 (`EX_USAGE`) for a configuration error; 1
 //! when the server cannot start. SIGHUP reloads the configuration, SIGTERM and SIGINT drain
 //! and stop ([`Signals::until_shutdown`]).
+//!
+//! `kcp-server demo` runs the proxy against an embedded mock provider ([`kcp_server::demo`]);
+//! `kcp-server healthcheck` exits 0 when a server answers `/health` ([`kcp_server::healthcheck`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use kcp_server::app::App;
 use kcp_server::auth;
-use kcp_server::cli::Cli;
-use kcp_server::config::{self, ConfigError};
+use kcp_server::cli::{Cli, Command};
+use kcp_server::config::{self, ConfigError, LogFormat};
+use kcp_server::demo::{Demo, DemoOptions};
+use kcp_server::healthcheck;
 use kcp_server::logging;
 use kcp_server::serve::{Server, error_chain};
 use kcp_server::signals::Signals;
@@ -19,6 +24,19 @@ use kcp_server::signals::Signals;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Demo { traffic, port }) => return demo(DemoOptions { port, traffic }).await,
+        Some(Command::Healthcheck { addr }) => {
+            return match healthcheck::check(addr).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("kcp-server healthcheck: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
+    }
     // Logging follows the config it is configured by; config errors go to stderr.
     let loaded = match config::load(&cli) {
         Ok(loaded) => loaded,
@@ -76,6 +94,37 @@ async fn main() -> ExitCode {
         Err(error) => tracing::warn!(%error, "stopped"),
     }
     ExitCode::SUCCESS
+}
+
+/// `kcp-server demo`: the proxy and an embedded mock provider until SIGINT/SIGTERM.
+async fn demo(options: DemoOptions) -> ExitCode {
+    if let Err(error) = logging::init("warn", LogFormat::Text) {
+        eprintln!("kcp-server: {error}");
+        return ExitCode::FAILURE;
+    }
+    let signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("kcp-server demo: cannot install signal handlers: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let demo = match Demo::start(options).await {
+        Ok(demo) => demo,
+        Err(error) => {
+            eprintln!("kcp-server demo: cannot start: {}", error_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", demo.banner());
+    let shutdown = signals.until_shutdown(demo.app());
+    match demo.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kcp-server demo: {error}");
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn exit_code(code: i32) -> ExitCode {

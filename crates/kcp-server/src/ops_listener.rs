@@ -10,7 +10,9 @@
 //!
 //! Routes: `GET /metrics` ([`crate::observe::render_metrics`]), `/admin/*`
 //! ([`crate::admin::Admin`], answering for [`App`] through [`crate::admin::AdminOps`]),
-//! `GET /health` and `GET /ready` (as on the client listener); anything else is 404.
+//! `GET /` and `GET /status.json` (the status page, [`crate::status`]), `GET /health` and
+//! `GET /ready` (as on the client listener); anything else is 404. The listener's task also
+//! samples the pool every [`status::history::INTERVAL`] for the status page's chart.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,11 +30,13 @@ use tokio::task::JoinSet;
 
 use crate::admin::Admin;
 use crate::app::App;
+use crate::clock;
 use crate::metrics;
 use crate::observe;
 use crate::openai_error::OpenAiError;
 use crate::proxy::ProxyBody;
 use crate::service;
+use crate::status::{self, StatusBoard};
 
 /// Pause after an accept error (out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -41,14 +45,24 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// listener and every connection on it).
 pub async fn run(listener: TcpListener, app: Arc<App>) {
     let mut connections = JoinSet::new();
+    let board = Arc::new(StatusBoard::default());
+    let mut sampler = tokio::time::interval(status::history::INTERVAL);
+    sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sample = tokio::time::Instant::now();
     loop {
         tokio::select! {
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            now = sampler.tick() => {
+                let keys = app.pool().snapshot(clock::now());
+                board.history.sample(&keys, now.saturating_duration_since(last_sample));
+                last_sample = now;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
                     let app = Arc::clone(&app);
                     let head_timeout = app.config.load().config.server.header_read_timeout();
-                    connections.spawn(serve_connection(tcp, app, head_timeout));
+                    let board = Arc::clone(&board);
+                    connections.spawn(serve_connection(tcp, app, board, head_timeout));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "ops listener: accepting a connection failed");
@@ -59,10 +73,16 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
     }
 }
 
-async fn serve_connection(tcp: tokio::net::TcpStream, app: Arc<App>, head_timeout: Duration) {
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    app: Arc<App>,
+    board: Arc<StatusBoard>,
+    head_timeout: Duration,
+) {
     let service = service_fn(move |request| {
         let app = Arc::clone(&app);
-        async move { Ok::<_, Infallible>(handle(&app, request).await) }
+        let board = Arc::clone(&board);
+        async move { Ok::<_, Infallible>(handle(&app, &board, request).await) }
     });
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -75,11 +95,18 @@ async fn serve_connection(tcp: tokio::net::TcpStream, app: Arc<App>, head_timeou
 }
 
 /// Answers one request on the operations listener.
-pub async fn handle(app: &App, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    app: &App,
+    board: &StatusBoard,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let path = request.uri().path();
     if Admin::is_admin_path(path) {
         let policies = app.policies.load_full();
         return policies.admin.handle(request, app).await;
+    }
+    if status::is_status_path(path) {
+        return status::handle(app, board, request.method(), path, request.headers());
     }
     let probe = matches!(*request.method(), Method::GET | Method::HEAD);
     match path {
@@ -112,7 +139,8 @@ fn not_found(path: &str) -> OpenAiError {
         "invalid_request_error",
         "unknown_url",
         format!(
-            "Unknown path `{shown}`: this listener serves GET /metrics, /admin/*, /health and /ready."
+            "Unknown path `{shown}`: this listener serves GET / (status page), /status.json, \
+             /metrics, /admin/*, /health and /ready."
         ),
     )
 }

@@ -38,4 +38,12 @@ impl KeyPool {
         let change = key.state.set_manual(disabled, now);
         Some(Changes::from_key(change))
     }
+
+    /// An operator wants the key with this id re-checked now: `Some(true)` when its re-check
+    /// is due from `now` on, `Some(false)` when it is not disabled or was disabled by an
+    /// operator (nothing to re-check), `None` when there is no such key.
+    pub fn recheck_now(&self, id: &str, now: Time) -> Option<bool> {
+        let key = self.keys.iter().find(|k| k.id.as_str() == id)?;
+        Some(key.state.probe_now(now))
+    }
 }

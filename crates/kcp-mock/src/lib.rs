@@ -8,13 +8,24 @@
 //! [`MockUpstream::cancelled`]; this is how tests see that a client disconnect reached upstream.
 //!
 //! The server speaks HTTP/1.1 and h2 (prior knowledge in plain text, ALPN over TLS). The TLS
-//! variant uses a fresh CA per instance, written as PEM to [`MockUpstream::ca_file`].
+//! variant (cargo feature `tls`) uses a fresh CA per instance, written as PEM to
+//! [`MockUpstream::ca_file`].
+//!
+//! A key can also be given OpenAI's rate limiting ([`MockUpstream::limit`], see [`rate_limit`]):
+//! a refilling bucket checked before the key's behaviour.
+//!
+//! It is a crate of its own, not a test module, so that `kcp-server demo` plays the very same
+//! upstream the tests do.
+
+pub mod rate_limit;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+#[cfg(feature = "tls")]
+use std::net::IpAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,17 +42,28 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+#[cfg(feature = "tls")]
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
+#[cfg(feature = "tls")]
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Sleep;
+#[cfg(feature = "tls")]
 use tokio_rustls::TlsAcceptor;
+
+pub use rate_limit::RateLimit;
+use rate_limit::{Bucket, Exhausted, Verdict};
+
+/// Without the `tls` feature no acceptor can exist.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone, Debug)]
+enum TlsAcceptor {}
 
 /// Model named in responses when the request body names none.
 pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
@@ -93,6 +115,9 @@ pub enum Behaviour {
     },
     /// Never answers; the request is held until the client goes away (then counts as cancelled).
     Hang,
+    /// Like [`Behaviour::Ok`], except that every `every`-th call of the key (the `every`-th,
+    /// the `2 * every`-th, ...) gets `status` with OpenAI's error body for it.
+    Flaky { every: u64, status: u16 },
 }
 
 impl Behaviour {
@@ -117,6 +142,17 @@ impl Behaviour {
             status,
             body: error_body(message, kind, Value::Null).to_string(),
             headers: Vec::new(),
+        }
+    }
+
+    /// The behaviour for the `nth` call (from 1) of a key: [`Behaviour::Flaky`] resolved.
+    fn for_call(self, nth: u64) -> Behaviour {
+        match self {
+            Behaviour::Flaky { every, status } if every > 0 && nth % every == 0 => {
+                Behaviour::status(status)
+            }
+            Behaviour::Flaky { .. } => Behaviour::Ok,
+            other => other,
         }
     }
 
@@ -216,35 +252,43 @@ struct CaFile {
 impl MockUpstream {
     /// Plain HTTP (HTTP/1.1 and h2 prior knowledge) on `127.0.0.1:0`.
     pub async fn start() -> MockUpstream {
-        Self::launch(None).await
+        Self::try_start().await.expect("bind 127.0.0.1:0")
+    }
+
+    /// [`MockUpstream::start`], reporting a failure to bind instead of panicking.
+    pub async fn try_start() -> io::Result<MockUpstream> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::launch(listener, None)
     }
 
     /// HTTPS (ALPN `h2`, `http/1.1`) with a fresh CA; the certificate covers `localhost` and
     /// `127.0.0.1`.
+    #[cfg(feature = "tls")]
     pub async fn start_tls() -> MockUpstream {
         let (acceptor, pem) = tls_acceptor();
-        Self::launch(Some((acceptor, pem))).await
-    }
-
-    async fn launch(tls: Option<(TlsAcceptor, String)>) -> MockUpstream {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("bound listener has an address");
+        Self::launch(listener, Some((acceptor, pem))).expect("bound listener has an address")
+    }
+
+    fn launch(
+        listener: TcpListener,
+        tls: Option<(TlsAcceptor, String)>,
+    ) -> io::Result<MockUpstream> {
+        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let (acceptor, ca) = match tls {
             Some((acceptor, pem)) => (Some(acceptor), Some(CaFile::write(pem, addr.port()))),
             None => (None, None),
         };
         let server = tokio::spawn(serve(listener, acceptor, Arc::clone(&shared)));
-        MockUpstream {
+        Ok(MockUpstream {
             addr,
             ca,
             shared,
             server,
-        }
+        })
     }
 
     /// `http://127.0.0.1:PORT` or `https://localhost:PORT`, without a trailing slash.
@@ -284,6 +328,25 @@ impl MockUpstream {
             .state()
             .scripts
             .insert(key.to_owned(), steps.into());
+    }
+
+    /// Meters `key` with OpenAI's rate limiting, buckets full from now: a request that finds
+    /// them empty gets 429 `rate_limit_exceeded` (and its behaviour is not consulted), every
+    /// other answer carries the `x-ratelimit-*` headers.
+    pub fn limit(&self, key: &str, limit: RateLimit) {
+        let bucket = Bucket::new(limit, tokio::time::Instant::now());
+        self.shared.state().buckets.insert(key.to_owned(), bucket);
+    }
+
+    /// Whether requests are kept for [`MockUpstream::calls`] (on by default). A long-running
+    /// mock (the demo) turns it off so memory stays flat; counts per key are still kept.
+    pub fn keep_calls(&self, keep: bool) {
+        self.shared.state().keep_calls = keep;
+    }
+
+    /// Requests received for `key` so far, kept or not.
+    pub fn seen(&self, key: &str) -> u64 {
+        self.shared.state().seen.get(key).copied().unwrap_or(0)
     }
 
     /// Behaviour for keys with nothing set and requests without a key (initially `Ok`).
@@ -377,6 +440,10 @@ struct State {
     default: Behaviour,
     per_key: HashMap<String, Behaviour>,
     scripts: HashMap<String, VecDeque<Behaviour>>,
+    buckets: HashMap<String, Bucket>,
+    /// Requests per key, kept or not.
+    seen: HashMap<String, u64>,
+    keep_calls: bool,
     calls: Vec<Call>,
 }
 
@@ -386,6 +453,9 @@ impl Default for State {
             default: Behaviour::Ok,
             per_key: HashMap::new(),
             scripts: HashMap::new(),
+            buckets: HashMap::new(),
+            seen: HashMap::new(),
+            keep_calls: true,
             calls: Vec::new(),
         }
     }
@@ -397,21 +467,35 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records `call` and picks its behaviour: script step, then key default, then default.
-    fn record(&self, call: Call) -> Behaviour {
+    /// Records `call` and picks its behaviour: the key's rate limit if it is spent, else
+    /// script step, then key default, then default. Also the key's rate-limit verdict.
+    fn record(&self, call: Call, tokens: u64) -> (Behaviour, Option<Verdict>) {
         let mut state = self.state();
-        let behaviour = call
-            .key
-            .as_deref()
-            .and_then(|key| {
+        let state = &mut *state;
+        let mut nth = 0;
+        let mut verdict = None;
+        let mut behaviour = None;
+        if let Some(key) = call.key.as_deref() {
+            let seen = state.seen.entry(key.to_owned()).or_default();
+            *seen += 1;
+            nth = *seen;
+            verdict = state
+                .buckets
+                .get_mut(key)
+                .map(|bucket| bucket.take(tokens, tokio::time::Instant::now()));
+            if !matches!(verdict, Some(Verdict::Exceeded { .. })) {
                 let step = state.scripts.get_mut(key).and_then(VecDeque::pop_front);
-                step.or_else(|| state.per_key.get(key).cloned())
-            })
-            .unwrap_or_else(|| state.default.clone());
-        state.calls.push(call);
-        drop(state);
+                behaviour = step.or_else(|| state.per_key.get(key).cloned());
+            }
+        }
+        let behaviour = behaviour
+            .unwrap_or_else(|| state.default.clone())
+            .for_call(nth);
+        if state.keep_calls {
+            state.calls.push(call);
+        }
         self.changed.notify_waiters();
-        behaviour
+        (behaviour, verdict)
     }
 
     fn bump(&self, counter: &AtomicUsize) {
@@ -558,6 +642,9 @@ async fn serve_connection(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<
         None => {
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
+        #[cfg(feature = "tls")]
         Some(acceptor) => {
             if let Ok(stream) = acceptor.accept(tcp).await {
                 let _ = builder
@@ -577,6 +664,18 @@ struct Received {
 }
 
 impl Received {
+    /// What a rate limiter charges the request: its prompt (about four bytes a token) plus
+    /// the completion it may ask for (`max_tokens`, else 16).
+    fn tokens(&self) -> u64 {
+        let Some(body) = &self.json else { return 1 };
+        let asked = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|field| body.get(field).and_then(Value::as_u64))
+            .unwrap_or(16);
+        let prompt = body.to_string().len() as u64 / 4;
+        prompt.saturating_add(asked)
+    }
+
     fn model(&self) -> &str {
         self.json
             .as_ref()
@@ -610,17 +709,34 @@ async fn respond(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBo
         body,
         version: parts.version,
     };
-    let behaviour = shared.record(call);
+    let (behaviour, verdict) = shared.record(call, received.tokens());
     let n = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
-    let mut response = match behaviour {
-        Behaviour::Hang => {
+    let mut response = match (behaviour, verdict) {
+        (
+            _,
+            Some(Verdict::Exceeded {
+                retry_after,
+                limit,
+                headers,
+            }),
+        ) => rate_limit_exceeded(&received, retry_after, limit, headers, shared),
+        (Behaviour::Hang, _) => {
             let _completion = Completion {
                 shared,
                 done: false,
             };
             return std::future::pending().await;
         }
-        behaviour => build(&behaviour, &received, n, shared),
+        (behaviour, Some(Verdict::Granted(headers))) => {
+            let mut response = build(&behaviour, &received, n, shared);
+            for (name, value) in headers {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            response
+        }
+        (behaviour, None) => build(&behaviour, &received, n, shared),
     };
     let request_id = HeaderValue::from_str(&format!("req_mock_{n}")).expect("ASCII request id");
     response.headers_mut().insert("x-request-id", request_id);
@@ -629,7 +745,10 @@ async fn respond(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBo
 
 fn build(behaviour: &Behaviour, req: &Received, n: u64, shared: Arc<Shared>) -> Response<MockBody> {
     match behaviour {
-        Behaviour::Ok => json_response(StatusCode::OK, &ok_body(req, n), &[], shared),
+        // A flaky key's failing calls were resolved to a status by `Behaviour::for_call`.
+        Behaviour::Ok | Behaviour::Flaky { .. } => {
+            json_response(StatusCode::OK, &ok_body(req, n), &[], shared)
+        }
         Behaviour::OkWithLimits {
             limit_requests,
             remaining_requests,
@@ -759,6 +878,31 @@ fn build(behaviour: &Behaviour, req: &Received, n: u64, shared: Arc<Shared>) -> 
         }
         Behaviour::Hang => unreachable!("handled by respond"),
     }
+}
+
+/// 429 `rate_limit_exceeded` from a key's spent bucket, worded and headed as OpenAI does.
+fn rate_limit_exceeded(
+    req: &Received,
+    retry_after: Duration,
+    limit: Exhausted,
+    mut headers: rate_limit::Headers,
+    shared: Arc<Shared>,
+) -> Response<MockBody> {
+    let (per, kind) = match limit {
+        Exhausted::Requests => ("requests per min (RPM)", "requests"),
+        Exhausted::Tokens => ("tokens per min (TPM)", "tokens"),
+    };
+    let message = format!(
+        "Rate limit reached for {} in organization org-mock on {per}. Please try again in {}. \
+         Visit https://platform.openai.com/account/rate-limits to learn more.",
+        req.model(),
+        rate_limit::go_duration(retry_after)
+    );
+    let millis = retry_after.as_millis().max(1);
+    headers.push(("retry-after-ms", millis.to_string()));
+    headers.push(("retry-after", millis.div_ceil(1_000).to_string()));
+    let body = error_body(&message, kind, json!("rate_limit_exceeded"));
+    json_response(StatusCode::TOO_MANY_REQUESTS, &body, &headers, shared)
 }
 
 /// The 200 body for `req`: chat completion, embeddings, model list or object, transcription,
@@ -892,6 +1036,7 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 /// A fresh CA and a `localhost` / `127.0.0.1` server certificate it signed.
+#[cfg(feature = "tls")]
 fn tls_acceptor() -> (TlsAcceptor, String) {
     let ca_key = KeyPair::generate().expect("generate CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
