@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kcp_core::RouteTable;
 use kcp_core::{
-    Demand, KeyPool, KeySpec, Outcome, PoolConfig, RateLimitHeaders, Secret, SplitMix64, Strategy,
-    Time,
+    Action, Answer, Attempt, ClientRequest, Demand, KeyPool, KeySpec, Next, Outcome, PoolConfig,
+    RateLimitHeaders, Replay, Reply, RetryPolicy, Secret, SplitMix64, Strategy, Time, WaitQueue,
 };
 
 fn pool(n: usize, strategy: Strategy) -> KeyPool {
@@ -70,6 +70,42 @@ fn select_record(c: &mut Criterion) {
     }
 }
 
+/// A whole attempt of the default strategy on 1,000 keys: `Attempt::new`, `next` (select),
+/// `on_answer` (classify and record) of a success: what one request costs the policy.
+fn whole_attempt(c: &mut Criterion) {
+    let p = pool(1_000, Strategy::RoundRobinHealthWeighted);
+    let queue = WaitQueue::new(1024);
+    let mut rng = SplitMix64::new(42);
+    let mut tick = 0u64;
+    let request = ClientRequest {
+        model: Some("gpt-4o"),
+        scope: Some("gpt-4o"),
+        tokens: 100,
+        replay: Replay::BeforeSend,
+        home: false,
+    };
+    let answer = Answer::Reply(Reply {
+        status: 200,
+        latency: Duration::from_millis(120),
+        ..Reply::default()
+    });
+    let mut group = c.benchmark_group("attempt");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("success/1000", |b| {
+        b.iter(|| {
+            tick += 1_000;
+            let now = Time::from_nanos(tick);
+            let mut attempt = Attempt::new(black_box(request), RetryPolicy::default());
+            let Next::Send(lease) = attempt.next(&p, &queue, now, &mut rng) else {
+                panic!("a key is free")
+            };
+            let verdict = attempt.on_answer(lease, black_box(&answer), now);
+            assert_eq!(verdict.action, Action::Deliver);
+        })
+    });
+    group.finish();
+}
+
 fn routing(c: &mut Criterion) {
     let mut models: Vec<Vec<String>> = (0..50).map(|i| vec![format!("model-{i}")]).collect();
     models.extend((0..10).map(|i| vec![format!("family-{i}-*")]));
@@ -122,6 +158,6 @@ fn contention(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = select_record, routing, contention
+    targets = select_record, whole_attempt, routing, contention
 }
 criterion_main!(benches);
