@@ -86,8 +86,10 @@ fn an_organization_throttle_costs_fewer_than_two_calls_per_key_per_episode() {
     let per_key = r.wasted_per_key_per_episode().expect("episodes happened");
     assert!(per_key < 2.0, "429s per key per episode {per_key}");
     // Most of what a proxy could serve around the episodes is served: the recovery after
-    // each episode (one probe, then the keys' pace) costs the rest.
-    assert!(r.goodput() >= 0.95, "goodput {}", r.goodput());
+    // each episode (one probe, then the keys' pace) costs the rest, and so does the wait
+    // queue's delay control, which answers excess at once rather than let it wait out an
+    // episode's end (a perfect proxy would have held those requests for up to max_wait).
+    assert!(r.goodput() >= 0.94, "goodput {}", r.goodput());
     // Requests arriving early in an episode are refused at once, not after a wait.
     assert_eq!(r.refused_after_p50, Duration::ZERO);
 }

@@ -221,3 +221,33 @@ async fn an_unreachable_provider_is_reported_as_unavailable_never_as_rate_limite
         "an honest Retry-After"
     );
 }
+
+#[tokio::test]
+async fn a_proxy_429_says_when_to_retry_and_what_the_pool_has_left() {
+    let mock = MockUpstream::start().await;
+    mock.set(KEY_A, Behaviour::rate_limited_secs(60));
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    let reply = proxy.chat("gpt-4o").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.error_code(), "rate_limit_exceeded");
+    assert_eq!(
+        mock.calls().len(),
+        1,
+        "the rest is longer than max_wait: no wait, no call"
+    );
+    assert_eq!(reply.header("retry-after"), Some("60"));
+    let millis: u64 = reply
+        .header("retry-after-ms")
+        .expect("retry-after-ms")
+        .parse()
+        .expect("a number");
+    assert!((59_000..=60_000).contains(&millis), "{millis}");
+    for name in [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+    ] {
+        assert!(reply.header(name).is_some(), "{name}");
+    }
+}

@@ -15,10 +15,13 @@
 //! computes the earliest instant at which the budget covers a new request; a key whose budget
 //! is spent is held back until then instead of being sent into a 429.
 //!
-//! On top, each key is paced (see [`Pace`]) at its learned rate with a one-second burst,
-//! because providers enforce per-minute limits over much shorter windows. The pace adapts
-//! by AIMD as in TCP congestion control: a 429 halves it, every success adds back a little,
-//! up to the learned limit.
+//! What the newest report says is left may be spent at once (less what is in flight): a
+//! provider that answers "R left" admits R more now. Beyond that, and while no report is
+//! trusted, each key is paced (see [`Pace`]) at its learned rate with a one-second burst,
+//! because providers enforce per-minute limits over much shorter windows. The pace adapts by
+//! AIMD as in TCP congestion control: a 429 halves it, every success adds back a little, up to
+//! the learned limit; and a 429 stops the trust in the reported budget for a while
+//! (`DISTRUST_AFTER_429`), so a budget model the provider contradicts is not spent again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -143,6 +146,11 @@ impl Gauge {
         self.covered.store(mark, Ordering::Relaxed);
         let reset_at = reset.map_or(0, |r| (at + r).as_nanos());
         self.reset_at.store(reset_at, Ordering::Relaxed);
+    }
+
+    /// Whether the provider reported this budget's level at least once.
+    pub fn has_report(&self) -> bool {
+        self.reported().is_some()
     }
 
     /// The per-minute limit, configured or learned.

@@ -134,6 +134,9 @@ struct Policy {
     recovered: Option<(Time, Duration)>,
 }
 
+/// How long after a 429 the key's reported budget is not spent beyond its pace.
+pub const DISTRUST_AFTER_429: Duration = Duration::from_secs(30);
+
 /// A key rejected again within this long of a re-check bringing it back has relapsed.
 pub const RELAPSE_WINDOW: Duration = Duration::from_secs(600);
 
@@ -167,6 +170,9 @@ pub struct KeyState {
     /// When a key disabled for its quota or bill may take one real request as its re-check
     /// (nanoseconds; `u64::MAX` when no such re-check is pending). Read by selection.
     trial_at: AtomicU64,
+    /// Until when the provider's reported budget is not trusted beyond the pace (nanoseconds):
+    /// a 429 showed the model of it wrong.
+    distrust_until: AtomicU64,
     /// The organization the provider named in its answers (`openai-organization`), learned
     /// once; it puts the key in a throttle group with the other keys of that organization.
     pub(crate) organization: OnceLock<Box<str>>,
@@ -192,6 +198,7 @@ impl KeyState {
             counters: Counters::default(),
             refusals: Refusals::default(),
             trial_at: AtomicU64::new(u64::MAX),
+            distrust_until: AtomicU64::new(0),
             organization: OnceLock::new(),
             calm: AtomicBool::new(true),
             policy: Mutex::new(Policy::default()),
@@ -299,6 +306,8 @@ impl KeyState {
             Outcome::RateLimited { limits } => {
                 // The key rests: what was promised of its next cells no longer holds.
                 self.held.store(0, Ordering::Release);
+                let distrust = (now + DISTRUST_AFTER_429).as_nanos();
+                self.distrust_until.fetch_max(distrust, Ordering::AcqRel);
                 self.learn(limits, sent, &policy.pace);
                 if own_budget_spent(limits) {
                     policy.pace.cut();
@@ -392,6 +401,12 @@ impl KeyState {
             }
             _ => false,
         }
+    }
+
+    /// Whether what the provider last reported left of the key's requests may be spent at
+    /// once, beyond the pace: there is a report, and no 429 showed it wrong lately.
+    pub(crate) fn trusts_budget(&self, now: Time) -> bool {
+        self.requests.has_report() && now.as_nanos() >= self.distrust_until.load(Ordering::Acquire)
     }
 
     /// Starts the re-check of a key disabled for its quota or bill, made by a real request:

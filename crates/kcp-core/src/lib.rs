@@ -36,8 +36,8 @@ mod throttle;
 mod time;
 
 pub use attempt::{
-    Action, Answer, Attempt, Backoff, Class, ClientRequest, ErrorBody, GiveUp, Next, QueueSlot,
-    Replay, Reply, RetryPolicy, Stats, Verdict, Wait, WaitQueue, classify,
+    Action, Answer, Attempt, Backoff, Class, ClientRequest, DelayControl, ErrorBody, GiveUp, Next,
+    QueueSlot, Replay, Reply, RetryPolicy, Stats, Verdict, Wait, WaitQueue, classify,
 };
 pub use budget::{MAX_TOKENS, estimate_tokens};
 pub use circuit::{BASE_OPEN, FAILURES_TO_OPEN, MAX_OPEN};
@@ -51,5 +51,5 @@ pub use refusal::{FIRST_REST as FIRST_REFUSAL_REST, MAX_REST as MAX_REFUSAL_REST
 pub use rng::{Random, SplitMix64};
 pub use routing::{KeyIndex, MAX_GLOBS, RouteTable};
 pub use secret::Secret;
-pub use snapshot::{KeySnapshot, KeyStatus, LearnedLimits, OutcomeCounts, StateCounts};
+pub use snapshot::{KeySnapshot, KeyStatus, LearnedLimits, OutcomeCounts, PoolBudget, StateCounts};
 pub use time::Time;

@@ -134,6 +134,21 @@ pub struct KeySnapshot {
     pub refused: Vec<(String, f64)>,
 }
 
+/// What the keys that serve one model have, summed: the pool as one budget, for clients that
+/// pace themselves by `x-ratelimit-*`. Keys whose figures are not known count as zero, and
+/// disabled keys are left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolBudget {
+    /// Requests per minute.
+    pub limit_requests: u64,
+    /// Requests left now.
+    pub remaining_requests: u64,
+    /// Tokens per minute.
+    pub limit_tokens: u64,
+    /// Tokens left now.
+    pub remaining_tokens: u64,
+}
+
 /// Number of keys in each status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -178,6 +193,30 @@ impl KeyPool {
             } += 1;
         }
         counts
+    }
+
+    /// The budget of the keys that serve `model`, summed (see [`PoolBudget`]). Walks those
+    /// keys: meant for the proxy's own 429s, not for every answer.
+    pub fn budget(&self, model: Option<&str>, now: Time) -> PoolBudget {
+        let route = self.routes().lookup(model);
+        let mut seen = std::collections::HashSet::new();
+        let mut budget = PoolBudget::default();
+        for tier in route.tiers() {
+            for index in tier.iter() {
+                let Some(key) = self.keys().get(index as usize) else {
+                    continue;
+                };
+                if !seen.insert(index) || key.state.disabled.load(Ordering::Acquire) {
+                    continue;
+                }
+                let (requests, tokens) = (&key.state.requests, &key.state.tokens);
+                budget.limit_requests += requests.limit().unwrap_or(0);
+                budget.remaining_requests += requests.remaining(now).unwrap_or(0);
+                budget.limit_tokens += tokens.limit().unwrap_or(0);
+                budget.remaining_tokens += tokens.remaining(now).unwrap_or(0);
+            }
+        }
+        budget
     }
 
     /// Whether any throttle group is resting now (for logs and metrics).

@@ -5,8 +5,10 @@
 //! uses that shape, with a message that says what happened in plain words and never a
 //! secret.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::Serialize;
 
@@ -21,8 +23,11 @@ pub struct OpenAiError {
     pub code: &'static str,
     /// Plain-words message.
     pub message: String,
-    /// `Retry-After` in whole seconds, when waiting helps.
-    pub retry_after: Option<u64>,
+    /// When retrying may help: sent as `Retry-After` (whole seconds, rounded up) and
+    /// `retry-after-ms`.
+    pub retry_after: Option<Duration>,
+    /// More headers (the pool's `x-ratelimit-*`).
+    pub headers: Vec<(HeaderName, u64)>,
 }
 
 #[derive(Serialize)]
@@ -53,12 +58,25 @@ impl OpenAiError {
             code,
             message: message.into(),
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 
     /// Adds `Retry-After` (whole seconds, at least 1).
-    pub fn retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs.max(1));
+    pub fn retry_after(self, secs: u64) -> Self {
+        self.retry_after_exactly(Duration::from_secs(secs))
+    }
+
+    /// Adds `Retry-After` (whole seconds, rounded up, at least 1) and `retry-after-ms` (at
+    /// least 1).
+    pub fn retry_after_exactly(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// Adds a header with a number.
+    pub fn header(mut self, name: &'static str, value: u64) -> Self {
+        self.headers.push((HeaderName::from_static(name), value));
         self
     }
 
@@ -85,8 +103,17 @@ impl OpenAiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(secs) = self.retry_after {
+        if let Some(wait) = self.retry_after {
+            let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            let millis = wait.as_nanos().div_ceil(1_000_000).max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            headers.insert(
+                HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(u64::try_from(millis).unwrap_or(u64::MAX)),
+            );
+        }
+        for (name, value) in self.headers {
+            headers.insert(name, HeaderValue::from(value));
         }
         response
     }
@@ -102,15 +129,17 @@ impl OpenAiError {
         )
     }
 
-    /// 429 `rate_limit_exceeded`: every eligible key is cooling or limited.
-    pub fn all_keys_busy(retry_after_secs: u64) -> Self {
+    /// 429 `rate_limit_exceeded`: every eligible key is cooling or limited, and the first
+    /// frees in `wait`.
+    pub fn all_keys_busy(wait: Duration) -> Self {
+        let retry_after_secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "requests",
             "rate_limit_exceeded",
             format!("Every API key that serves this request is rate limited; the first one frees up in about {retry_after_secs} s."),
         )
-        .retry_after(retry_after_secs)
+        .retry_after_exactly(wait)
     }
 
     /// 503 `no_available_keys`: every eligible key is disabled.
@@ -135,14 +164,15 @@ impl OpenAiError {
 
     /// 503 `upstream_unavailable`: every usable key's circuit is open after failures to reach
     /// the provider; the first lets a trial through in about `retry_after_secs`.
-    pub fn provider_unreachable(retry_after_secs: u64) -> Self {
+    pub fn provider_unreachable(wait: Duration) -> Self {
+        let retry_after_secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "upstream_unavailable",
             format!("The upstream API cannot be reached (connections failed or timed out on every key); the proxy tries again in about {retry_after_secs} s."),
         )
-        .retry_after(retry_after_secs)
+        .retry_after_exactly(wait)
     }
 
     /// 404 `model_not_found`: every key that serves the model (or endpoint) was lately
@@ -249,7 +279,10 @@ mod tests {
 
     #[test]
     fn has_openai_shape() {
-        let err = OpenAiError::all_keys_busy(3);
+        let err = OpenAiError::all_keys_busy(Duration::from_millis(2_500));
+        let response: Response<Full<Bytes>> = err.clone().into_response();
+        assert_eq!(response.headers()["retry-after"], "3");
+        assert_eq!(response.headers()["retry-after-ms"], "2500");
         let value: serde_json::Value = serde_json::from_slice(&err.body()).expect("json");
         assert_eq!(value["error"]["code"], "rate_limit_exceeded");
         assert_eq!(value["error"]["type"], "requests");

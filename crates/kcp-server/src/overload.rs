@@ -195,6 +195,6 @@ mod tests {
         let err = InflightLimit::refusal();
         assert_eq!(err.status, http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(err.code, "overloaded");
-        assert_eq!(err.retry_after, Some(1));
+        assert_eq!(err.retry_after, Some(std::time::Duration::from_secs(1)));
     }
 }

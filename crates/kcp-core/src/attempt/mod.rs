@@ -31,8 +31,9 @@
 //!   ([`Replay`]): it could be billed twice. A 503's `Retry-After` rests the key for at most
 //!   `max_unavailable_rest`, and the request moves on;
 //! - **no key now**: when the first key frees within what is left of `max_wait` (at most
-//!   `max_waits` times, with a place in the [`WaitQueue`]) the request waits for it; else it
-//!   gives up: with the kept answer if there is one, else with the proxy's own [`GiveUp`].
+//!   `max_waits` times, with a place in the [`WaitQueue`], and within the queue's delay target
+//!   while the queue is standing) the request waits for it; else it gives up: with the kept
+//!   answer if there is one, else with the proxy's own [`GiveUp`].
 //!   Keys held back only by open circuits are not waited for: the provider cannot be reached,
 //!   and the client hears so ([`GiveUp::Unreachable`]), not "rate limited".
 
@@ -44,7 +45,7 @@ use std::time::Duration;
 
 pub use answer::{Answer, Class, ErrorBody, Reply, classify};
 pub use policy::{Backoff, RetryPolicy};
-pub use queue::{QueueSlot, WaitQueue};
+pub use queue::{DelayControl, QueueSlot, WaitQueue};
 
 use crate::keystate::StateChange;
 use crate::lease::{Changes, Lease};
@@ -353,7 +354,7 @@ impl<'a> Attempt<'a> {
         now: Time,
         rng: &mut R,
     ) -> Result<Lease, NoKey> {
-        let will_wait = self.will_wait(queue);
+        let will_wait = self.will_wait(queue, now);
         if self.request.home {
             return pool.select_home(&self.demand(&[], will_wait), now);
         }
@@ -382,13 +383,19 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    /// How much longer this request would wait for a key: what is left of `max_wait`, or
-    /// nothing once it has waited its number of times or the queue is full.
-    fn will_wait(&self, queue: &WaitQueue) -> Duration {
+    /// How much longer this request would wait for a key: what is left of `max_wait` (at most
+    /// the delay target while the queue is standing), or nothing once it has waited its
+    /// number of times or the queue is full.
+    fn will_wait(&self, queue: &WaitQueue, now: Time) -> Duration {
         if self.stats.waits >= self.policy.max_waits || queue.is_full() {
             return Duration::ZERO;
         }
-        self.policy.max_wait.saturating_sub(self.stats.waited)
+        let left = self.policy.max_wait.saturating_sub(self.stats.waited);
+        if queue.is_standing(now, self.policy.queue_delay) {
+            left.min(self.policy.queue_delay.target)
+        } else {
+            left
+        }
     }
 
     /// No key can take the request now: wait, or give up.
@@ -419,7 +426,8 @@ impl<'a> Attempt<'a> {
         let wait = until.saturating_since(now);
         let fits = self.stats.waits < self.policy.max_waits
             && self.stats.waited + wait <= self.policy.max_wait;
-        match fits.then(|| queue.enter()).flatten() {
+        let delay = self.policy.queue_delay;
+        match fits.then(|| queue.enter(now, wait, delay)).flatten() {
             Some(slot) => {
                 self.waiting_since = Some(now);
                 Next::Wait(Wait { until, slot })

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::queue::DelayControl;
 use crate::rng::Random;
 
 /// The retry and wait settings of one request.
@@ -19,6 +20,8 @@ pub struct RetryPolicy {
     pub max_waits: u32,
     /// Most requests waiting at once ([`crate::WaitQueue`]).
     pub max_queue: usize,
+    /// The wait queue's delay target: past it, for an interval, excess is shed at once.
+    pub queue_delay: DelayControl,
     /// Longest rest a 503's `Retry-After` may order for a key: one provider answer must not
     /// bench a key for long while the request moves on to another.
     pub max_unavailable_rest: Duration,
@@ -33,6 +36,7 @@ impl Default for RetryPolicy {
             max_wait: Duration::from_secs(5),
             max_waits: 3,
             max_queue: 1024,
+            queue_delay: DelayControl::default(),
             max_unavailable_rest: backoff.max,
         }
     }

@@ -535,7 +535,7 @@ fn waits_are_bounded_in_number_and_by_the_queue() {
     };
     let short = |_: &str, _| {
         let limits = RateLimitHeaders {
-            retry_after: Some(Duration::from_millis(100)),
+            retry_after: Some(Duration::from_millis(40)),
             ..RateLimitHeaders::default()
         };
         Answer::Reply(Reply {
@@ -590,4 +590,120 @@ fn no_route_and_request_errors_end_at_once() {
         with_error(404, None, "No such File object: file-x")
     });
     assert_eq!((run.calls.len(), run.end), (1, End::Delivered(404)));
+}
+
+fn success_with(remaining: u64, limit: u64) -> Outcome {
+    Outcome::Success {
+        latency: Duration::from_millis(100),
+        limits: RateLimitHeaders {
+            limit_requests: Some(limit),
+            remaining_requests: Some(remaining),
+            reset_requests: Some(
+                Duration::from_secs(60) * (limit - remaining) as u32 / limit as u32,
+            ),
+            ..RateLimitHeaders::default()
+        },
+    }
+}
+
+/// Leases the only key of `p` as often as it lets at `now`, holding the leases.
+fn burst(p: &KeyPool, now: Time, rng: &mut SplitMix64) -> Vec<Lease> {
+    let mut leases = Vec::new();
+    while let Ok(lease) = p.select(&Demand::default(), now, rng) {
+        leases.push(lease);
+        assert!(leases.len() <= 1000, "bounded");
+    }
+    leases
+}
+
+#[test]
+fn a_reported_remainder_is_spent_at_once_and_no_more() {
+    let p = pool(&["a"]);
+    let mut rng = SplitMix64::new(5);
+    // A 60 rpm key says 40 requests are left.
+    let lease = p.select(&Demand::default(), T0, &mut rng).expect("free");
+    lease.record(success_with(40, 60), T0);
+    let leases = burst(&p, T0, &mut rng);
+    assert_eq!(
+        leases.len(),
+        40,
+        "the whole reported remainder, not a one-second pace burst"
+    );
+    // In flight counts: nothing more until the bucket refills (one a second).
+    assert!(p.select(&Demand::default(), T0, &mut rng).is_err());
+    let refilled = burst(&p, T0 + Duration::from_secs(1), &mut rng);
+    assert_eq!(refilled.len(), 1);
+}
+
+#[test]
+fn after_a_429_the_remainder_is_not_trusted_beyond_the_pace() {
+    let p = pool(&["a"]);
+    let mut rng = SplitMix64::new(5);
+    let lease = p.select(&Demand::default(), T0, &mut rng).expect("free");
+    lease.record(success_with(40, 60), T0);
+    let lease = p.select(&Demand::default(), T0, &mut rng).expect("trusted");
+    let limited = Outcome::RateLimited {
+        limits: RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(1)),
+            ..RateLimitHeaders::default()
+        },
+    };
+    lease.record(limited, T0);
+    let later = T0 + Duration::from_secs(2);
+    let lease = p
+        .select(&Demand::default(), later, &mut rng)
+        .expect("rested");
+    lease.record(success_with(40, 60), later);
+    let leases = burst(&p, later, &mut rng);
+    assert!(
+        leases.len() <= 1,
+        "paced at the (halved) learned rate, not the reported 40: {}",
+        leases.len()
+    );
+}
+
+#[test]
+fn a_request_larger_than_a_keys_token_limit_never_goes_to_it() {
+    let p = pool(&["small", "big"]);
+    let mut rng = SplitMix64::new(9);
+    // Each key learns its token limit from one answer.
+    for _ in 0..2 {
+        let lease = p.select(&Demand::default(), T0, &mut rng).expect("free");
+        let limit = if lease.id().as_str() == "small" {
+            1_000
+        } else {
+            100_000
+        };
+        let limits = RateLimitHeaders {
+            limit_tokens: Some(limit),
+            ..RateLimitHeaders::default()
+        };
+        lease.record(
+            Outcome::Success {
+                latency: Duration::ZERO,
+                limits,
+            },
+            T0,
+        );
+    }
+    let big_request = ClientRequest {
+        tokens: 5_000,
+        ..post("m")
+    };
+    for i in 0..4 {
+        let now = T0 + Duration::from_secs(i);
+        let run = drive(&p, big_request, RetryPolicy::default(), now, |_, _| {
+            status(200)
+        });
+        assert_eq!(run.calls, ["big"], "never the 1k-token key");
+    }
+    let huge = ClientRequest {
+        tokens: 500_000,
+        ..post("m")
+    };
+    let run = drive(&p, huge, RetryPolicy::default(), T0, |_, _| status(200));
+    assert_eq!(
+        (run.calls.len(), run.end),
+        (0, End::GaveUp(GiveUp::TooLarge))
+    );
 }

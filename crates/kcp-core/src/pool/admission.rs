@@ -188,9 +188,12 @@ impl KeyPool {
             .requests
             .free_at(now, 1)
             .max(state.tokens.free_at(now, demand.tokens));
-        let blocked = rest > now || budget > now || state.pace.check(now).is_err();
+        // What the provider reported left may be spent at once; the pace only holds back
+        // what goes beyond it, or everything while no report is trusted.
+        let trusted = state.trusts_budget(now);
+        let blocked = rest > now || budget > now || (!trusted && state.pace.check(now).is_err());
         if blocked {
-            let paced = promise(state, demand, rest, now);
+            let paced = promise(state, demand, rest, trusted, now);
             return match state.local.check(paced) {
                 Err(t) => Check::Blocked(t),
                 Ok(()) => Check::Paced(paced),
@@ -205,15 +208,14 @@ impl KeyPool {
         }
     }
 
-    /// Whether the key's token limit, when known, is large enough for what the request needs
-    /// (the provider said how many tokens it counted; see [`Demand::min_token_limit`]).
+    /// Whether the key's token limit is large enough for the request: a known limit at least
+    /// the request's estimate, and at least what the provider said it needs
+    /// ([`Demand::min_token_limit`], which only a known limit can meet).
     fn serves(&self, key: &PoolKey, demand: &Demand<'_>) -> bool {
-        demand.min_token_limit == 0
-            || key
-                .state
-                .tokens
-                .limit()
-                .is_some_and(|limit| limit >= demand.min_token_limit)
+        match key.state.tokens.limit() {
+            Some(limit) => limit >= demand.tokens.max(demand.min_token_limit),
+            None => demand.min_token_limit == 0,
+        }
     }
 
     /// Starts the re-check of a key disabled for its quota or bill: this request is it.
@@ -269,7 +271,9 @@ impl KeyPool {
             release_all();
             return None;
         }
-        if state.pace.try_acquire(now).is_err() {
+        // A trusted budget needs no pace cell, but takes one when there is one, so that the
+        // pace is in step when the trust ends.
+        if state.pace.try_acquire(now).is_err() && !state.trusts_budget(now) {
             state.local.refund();
             release_all();
             return None;
@@ -303,6 +307,7 @@ pub(in crate::pool) fn promise(
     state: &KeyState,
     demand: &Demand<'_>,
     rest: Time,
+    trusted: bool,
     now: Time,
 ) -> Time {
     let n = state.held.load(Ordering::Acquire).saturating_add(1);
@@ -311,7 +316,11 @@ pub(in crate::pool) fn promise(
             .tokens
             .free_at(now, demand.tokens.saturating_mul(u64::from(n))),
     );
-    state.pace.nth_conforms(rest, n).max(budget)
+    if trusted {
+        rest.max(budget)
+    } else {
+        state.pace.nth_conforms(rest, n).max(budget)
+    }
 }
 
 /// When a throttled group that rests until `until` takes more than its single probe: a

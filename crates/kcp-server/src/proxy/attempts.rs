@@ -285,7 +285,13 @@ impl Driver<'_> {
                 None => OpenAiError::no_available_keys(),
             },
             GiveUp::Busy { retry_after } => {
-                OpenAiError::all_keys_busy(retry_after_secs(retry_after))
+                // The pool as one budget, so that clients can pace themselves.
+                let budget = self.pool.budget(self.request.model, clock::now());
+                OpenAiError::all_keys_busy(retry_after)
+                    .header("x-ratelimit-limit-requests", budget.limit_requests)
+                    .header("x-ratelimit-remaining-requests", budget.remaining_requests)
+                    .header("x-ratelimit-limit-tokens", budget.limit_tokens)
+                    .header("x-ratelimit-remaining-tokens", budget.remaining_tokens)
             }
             GiveUp::NoKeys => OpenAiError::no_available_keys(),
             GiveUp::Unreachable { retry_after } => {
@@ -293,7 +299,7 @@ impl Driver<'_> {
                     retry_after_ms = retry_after.as_millis() as u64,
                     "every usable key's circuit is open: the provider cannot be reached"
                 );
-                OpenAiError::provider_unreachable(retry_after_secs(retry_after))
+                OpenAiError::provider_unreachable(retry_after)
             }
             GiveUp::Refused => OpenAiError::refused_by_every_key(self.request.scope.unwrap_or("")),
             GiveUp::TooLarge => OpenAiError::too_large_for_every_key(),
@@ -389,12 +395,6 @@ fn outcome_of(class: Class) -> UpstreamOutcome {
     }
 }
 
-/// `Retry-After` for a wait: whole seconds, rounded up, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    secs.max(1)
-}
-
 /// Plain words for a failed exchange, for the client (no host, no path).
 fn describe(kind: ErrorKind) -> &'static str {
     match kind {
@@ -431,14 +431,6 @@ mod tests {
         assert_eq!(policy.backoff.max, Duration::from_millis(2000));
         assert_eq!(policy.max_unavailable_rest, policy.backoff.max);
         assert_eq!(policy.max_waits, RetryPolicy::default().max_waits);
-    }
-
-    #[test]
-    fn retry_after_rounds_up() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::from_secs(30)), 30);
-        assert_eq!(retry_after_secs(Duration::from_millis(30_001)), 31);
     }
 
     #[test]
