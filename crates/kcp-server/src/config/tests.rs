@@ -1175,7 +1175,6 @@ fn example_files_load() {
             "config.json",
             include_str!("../../../../config/config.example.json"),
         )?;
-        jail.set_env("OPENAI_KEY_TEAM_B", "sk-example-team-b");
         let loaded = loaded(&Cli::default())?;
         assert_eq!(loaded.config.server, ServerSection::default());
         assert_eq!(loaded.config.upstream, UpstreamSection::default());
@@ -1187,7 +1186,7 @@ fn example_files_load() {
             exposed(&loaded.keys),
             [
                 "sk-your-team-a-key",
-                "sk-example-team-b",
+                "sk-your-team-b-key",
                 "sk-your-openai-key-1",
                 "sk-your-openai-key-2",
                 "sk-your-proxy-key"
