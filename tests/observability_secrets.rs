@@ -25,7 +25,7 @@ use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::cli::Cli;
 use key_cycle_proxy::server::config;
-use key_cycle_proxy::server::logging;
+use key_cycle_proxy::server::observe::logging;
 use observability_support::{Captured, capture_logs, scrape};
 use support::proxy_harness::{Proxy, Reply, closed_port_url, read, send_with, start_app};
 use support::{Behaviour, MockUpstream};

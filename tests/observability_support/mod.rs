@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use bytes::Bytes;
 use http_body_util::Full;
 use key_cycle_proxy::server::config::{Config, LoadedConfig, LogFormat, RotationStrategy};
-use key_cycle_proxy::server::{logging, metrics};
+use key_cycle_proxy::server::observe::{logging, metrics};
 use serde_json::Value;
 
 use crate::support::proxy_harness::{Proxy, loaded_config, read, send_with};

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::config::{Config, KeySources, LoadedConfig, ResolvedKey};
-use key_cycle_proxy::server::serve::{ServeError, Server};
+use key_cycle_proxy::server::ops::serve::{ServeError, Server};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

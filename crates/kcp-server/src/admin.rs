@@ -27,9 +27,9 @@ use http_body_util::Full;
 use kcp_core::{Changes, KeyPool, Secret};
 use serde::Serialize;
 
-use crate::auth::{bearer_token, matches_any};
 use crate::clock;
-use crate::openai_error::OpenAiError;
+use crate::edge::auth::{bearer_token, matches_any};
+use crate::edge::openai_error::OpenAiError;
 
 /// What the admin API needs from the running proxy.
 pub trait AdminOps: Send + Sync {

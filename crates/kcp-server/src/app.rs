@@ -19,11 +19,11 @@ use prometheus::Registry;
 use crate::cli::Cli;
 use crate::clock;
 use crate::config::{Config, LoadedConfig, ResolvedKey, RotationStrategy, UpstreamSection};
-use crate::metrics::Metrics;
-use crate::overload::InflightLimit;
+use crate::edge::overload::InflightLimit;
+use crate::observe::metrics::Metrics;
+use crate::ops::reload::Policies;
+use crate::ops::serve::StartError;
 use crate::proxy::headers;
-use crate::reload::Policies;
-use crate::serve::StartError;
 
 /// State shared by every connection and request of one server.
 #[derive(Debug)]

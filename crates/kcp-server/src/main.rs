@@ -9,12 +9,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kcp_server::app::App;
-use kcp_server::auth;
 use kcp_server::cli::Cli;
 use kcp_server::config::{self, ConfigError};
-use kcp_server::logging;
-use kcp_server::serve::{Server, error_chain};
-use kcp_server::signals::Signals;
+use kcp_server::edge::auth;
+use kcp_server::observe::logging;
+use kcp_server::ops::serve::{Server, error_chain};
+use kcp_server::ops::signals::Signals;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -28,9 +28,9 @@ use tokio::task::JoinSet;
 
 use crate::admin::Admin;
 use crate::app::App;
-use crate::metrics;
+use crate::edge::openai_error::OpenAiError;
 use crate::observe;
-use crate::openai_error::OpenAiError;
+use crate::observe::metrics;
 use crate::proxy::ProxyBody;
 use crate::service;
 

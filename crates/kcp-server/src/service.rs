@@ -8,10 +8,10 @@
 //!   else 503 with the reason, so a load balancer stops sending it traffic;
 //! - anything else is 404 in OpenAI's error shape.
 //!
-//! Before routing, a CORS preflight is answered from `[cors]` ([`crate::cors`]); after it,
+//! Before routing, a CORS preflight is answered from `[cors]` ([`crate::edge::cors`]); after it,
 //! every answer (errors included) gets the CORS headers for an allowed `Origin`. A `/v1`
-//! request must carry a client key when `[auth]` lists some ([`crate::auth`]) and is refused
-//! with 503 `overloaded` past `server.max_inflight` ([`crate::overload`]); neither refusal
+//! request must carry a client key when `[auth]` lists some ([`crate::edge::auth`]) and is refused
+//! with 503 `overloaded` past `server.max_inflight` ([`crate::edge::overload`]); neither refusal
 //! reaches an upstream.
 
 use std::sync::Arc;
@@ -24,14 +24,14 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::auth::ClientAuth;
-use crate::body_limit;
-use crate::cors::Cors;
+use crate::edge::auth::ClientAuth;
+use crate::edge::body_limit;
+use crate::edge::cors::Cors;
+use crate::edge::openai_error::OpenAiError;
+use crate::edge::overload::InflightLimit;
 use crate::observe::Exchange;
-use crate::openai_error::OpenAiError;
-use crate::overload::InflightLimit;
+use crate::ops::reload::Policies;
 use crate::proxy::{self, ProxyBody};
-use crate::reload::Policies;
 
 /// Answers one client request, observed from its head to its response's last byte
 /// ([`Exchange`]): its id comes back in `x-kcp-request-id` and tags every log line it causes,

@@ -25,9 +25,9 @@ use http_body_util::Full;
 use kcp_core::KeyId;
 use kcp_upstream::{ResponseBody, UpstreamError};
 
-use crate::access_log::BodyEnd;
+use crate::edge::overload::InflightGuard;
 use crate::observe::Exchange;
-use crate::overload::InflightGuard;
+use crate::observe::access_log::BodyEnd;
 
 /// A response body: proxy-made bytes or an upstream stream.
 #[derive(Debug)]

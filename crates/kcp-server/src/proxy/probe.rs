@@ -17,9 +17,9 @@ use kcp_core::{Changes, Lease, Outcome};
 use super::classify;
 use super::headers;
 use super::target_url;
-use crate::access_log::log_state_change;
 use crate::app::App;
 use crate::clock;
+use crate::observe::access_log::log_state_change;
 
 /// How often due re-checks are looked for.
 pub const INTERVAL: Duration = Duration::from_secs(1);

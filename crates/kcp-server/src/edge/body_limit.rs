@@ -19,7 +19,7 @@ use http::{HeaderMap, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 
-use crate::openai_error::OpenAiError;
+use crate::edge::openai_error::OpenAiError;
 
 /// Why a request body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

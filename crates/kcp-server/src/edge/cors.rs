@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::config::CorsSection;
-use crate::openai_error::OpenAiError;
+use crate::edge::openai_error::OpenAiError;
 
 /// Methods the OpenAI API uses.
 const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";

@@ -3,9 +3,13 @@
 //!
 //! The request-path series are updated as requests run; the key-state gauges are copied from
 //! `KeyPool::snapshot(now)` here, right before each scrape, so they are exact at scrape time and
-//! cost nothing between scrapes ([`crate::metrics`]). The listener on
+//! cost nothing between scrapes ([`metrics`]). The listener on
 //! `observability.metrics_bind` calls [`render_metrics`] and sends its answer as is, with
-//! `Content-Type` [`crate::metrics::CONTENT_TYPE`] on success.
+//! `Content-Type` [`metrics::CONTENT_TYPE`] on success.
+
+pub mod access_log;
+pub mod logging;
+pub mod metrics;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -14,12 +18,12 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use kcp_core::KeyId;
 use tracing::Span;
 
-use crate::access_log::{AccessRecord, BodyEnd};
+use self::access_log::{AccessRecord, BodyEnd};
+use self::metrics::{InflightGauge, Metrics};
 use crate::app::App;
 use crate::clock;
-use crate::metrics::{self, InflightGauge, Metrics};
+use crate::edge::request_id::{self, RequestId};
 use crate::proxy::{ModelName, ProxyBody, Report};
-use crate::request_id::{self, RequestId};
 
 /// Refreshes the key gauges from the pool in service and renders every metric of the app's
 /// registry in Prometheus' text format: 200 with the exposition, or 500 with a plain-text reason

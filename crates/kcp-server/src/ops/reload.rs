@@ -16,11 +16,11 @@ use kcp_core::{Changes, KeyPool};
 
 use crate::admin::{Admin, AdminOps};
 use crate::app::{self, App};
-use crate::auth::{self, ClientAuth};
 use crate::cli::Cli;
 use crate::config::{self, Config, ConfigError, LoadedConfig};
-use crate::cors::Cors;
-use crate::serve::StartError;
+use crate::edge::auth::{self, ClientAuth};
+use crate::edge::cors::Cors;
+use crate::ops::serve::StartError;
 
 /// What the service derives from the configuration once per load rather than per request.
 #[derive(Debug)]
@@ -56,7 +56,7 @@ pub enum ReloadError {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] ConfigError),
     /// The new keys cannot form a pool.
-    #[error("{}", crate::serve::error_chain(.0))]
+    #[error("{}", crate::ops::serve::error_chain(.0))]
     Pool(#[from] StartError),
 }
 
@@ -128,7 +128,7 @@ impl AdminOps for App {
 
     fn key_changed(&self, key: &str, changes: Changes) {
         for change in changes.iter() {
-            crate::access_log::log_state_change(key, &change, crate::clock::now());
+            crate::observe::access_log::log_state_change(key, &change, crate::clock::now());
         }
     }
 }

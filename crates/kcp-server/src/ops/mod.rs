@@ -1,0 +1,5 @@
+//! Running the proxy as a process: binding and serving connections, draining on shutdown
+//! ([`serve`]), reacting to signals ([`signals`]) and swapping in a reloaded config ([`reload`]).
+pub mod reload;
+pub mod serve;
+pub mod signals;
