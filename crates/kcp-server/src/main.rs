@@ -11,7 +11,6 @@ use clap::Parser;
 use kcp_server::app::App;
 use kcp_server::cli::Cli;
 use kcp_server::config::{self, ConfigError};
-use kcp_server::edge::auth;
 use kcp_server::observe::logging;
 use kcp_server::ops::serve::{Server, error_chain};
 use kcp_server::ops::signals::Signals;
@@ -65,11 +64,6 @@ async fn main() -> ExitCode {
         metrics_addr = %server.metrics_addr(),
         "listening"
     );
-    if let Some(warning) =
-        auth::warn_if_open(server.local_addr(), &server.app().policies.load().auth)
-    {
-        tracing::warn!("{warning}");
-    }
     let shutdown = signals.until_shutdown(server.app());
     match server.run(shutdown).await {
         Ok(()) => tracing::info!("stopped"),

@@ -132,6 +132,7 @@ pub fn load(cli: &Cli) -> Result<LoadedConfig, ConfigError> {
         ));
     }
     let client_keys = client_keys(&config.auth, &origins, &mut problems);
+    validate::open_bind(&config, !client_keys.is_empty(), &origins, &mut problems);
 
     if problems.is_empty() {
         Ok(LoadedConfig {

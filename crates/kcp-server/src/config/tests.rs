@@ -94,7 +94,7 @@ fn defaults_with_only_openai_keys() {
         let loaded = loaded(&Cli::default())?;
         assert_eq!(loaded.config, Config::default());
         let server = &loaded.config.server;
-        assert_eq!(server.bind_addr, addr("0.0.0.0:8080"));
+        assert_eq!(server.bind_addr, addr("127.0.0.1:8080"));
         assert_eq!(server.request_body_limit_bytes, 32 * 1024 * 1024);
         assert_eq!(server.graceful_shutdown_seconds, 10);
         assert_eq!(server.max_inflight, 10_000);
@@ -126,7 +126,7 @@ fn defaults_with_only_openai_keys() {
         assert_eq!(observability.tracing_level, "info");
         assert_eq!(observability.log_format, LogFormat::Text);
         assert_eq!(observability.admin_token, None);
-        assert_eq!(loaded.config.cors.allowed_origins, ["*"]);
+        assert!(loaded.config.cors.allowed_origins.is_empty());
         assert!(loaded.client_keys.is_empty());
 
         assert_eq!(exposed(&loaded.keys), ["sk-only"]);
@@ -376,7 +376,7 @@ fn scalar_precedence_defaults_toml_env_cli() {
     jail(|jail| {
         jail.set_env("OPENAI_KEYS", "sk-a");
         let bind = |cli: &Cli| loaded(cli).map(|l| l.config.server.bind_addr);
-        assert_eq!(bind(&Cli::default())?, addr("0.0.0.0:8080"));
+        assert_eq!(bind(&Cli::default())?, addr("127.0.0.1:8080"));
 
         jail.create_file("config.toml", "[server]\nbind_addr = \"127.0.0.1:1001\"\n")?;
         assert_eq!(bind(&Cli::default())?, addr("127.0.0.1:1001"));
@@ -1155,7 +1155,7 @@ fn render_effective_redacts_every_secret() {
         );
         let parsed: serde_json::Value =
             serde_json::from_str(&rendered).map_err(|e| e.to_string())?;
-        assert_eq!(parsed["config"]["server"]["bind_addr"], "0.0.0.0:8080");
+        assert_eq!(parsed["config"]["server"]["bind_addr"], "127.0.0.1:8080");
         assert_eq!(parsed["client_keys"], 1);
 
         let debug = format!("{loaded:?}");
@@ -1210,4 +1210,63 @@ fn config_deserializes_strictly_on_its_own() {
     ))
     .extract::<Config>();
     assert!(typo.is_err());
+}
+
+#[test]
+fn open_proxy_off_loopback_needs_client_keys_or_allow_anonymous() {
+    jail(|jail| {
+        // The original key-cycle-proxy's setup: every interface, no client auth.
+        let found = toml_problems(jail, "[server]\nbind_addr = \"0.0.0.0:8080\"\n")?;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_problem(
+            &found,
+            &[
+                "config.toml",
+                "bind_addr 0.0.0.0:8080 is not a loopback address",
+                "[auth] client_keys (or client_keys_env)",
+                "[auth] allow_anonymous = true",
+            ],
+        );
+        let flag = Cli {
+            bind: Some(addr("[::]:8080")),
+            ..Cli::default()
+        };
+        jail.create_file("config.toml", "")?;
+        assert_problem(&problems(&flag), &["--bind", "allow_anonymous"]);
+
+        jail.create_file(
+            "config.toml",
+            "[server]\nbind_addr = \"0.0.0.0:8080\"\n[auth]\nallow_anonymous = true\n",
+        )?;
+        assert_eq!(
+            loaded(&Cli::default())?.config.server.bind_addr,
+            addr("0.0.0.0:8080")
+        );
+        assert_eq!(loaded(&flag)?.config.server.bind_addr, addr("[::]:8080"));
+
+        jail.create_file(
+            "config.toml",
+            "[server]\nbind_addr = \"0.0.0.0:8080\"\n[auth]\nclient_keys = [\"kcp-t\"]\n",
+        )?;
+        assert_eq!(loaded(&Cli::default())?.client_keys.len(), 1);
+
+        for loopback in ["127.0.0.1:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080"] {
+            let cli = Cli {
+                bind: Some(addr(loopback)),
+                ..Cli::default()
+            };
+            jail.create_file("config.toml", "")?;
+            assert_eq!(loaded(&cli)?.config.server.bind_addr, addr(loopback));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn secure_defaults() {
+    let config = Config::default();
+    assert!(config.server.bind_addr.ip().is_loopback());
+    assert!(config.cors.allowed_origins.is_empty());
+    assert!(!config.auth.allow_anonymous);
+    assert_eq!(config.server.body_timeout_ms, 60_000);
 }

@@ -81,6 +81,11 @@ impl Cors {
         }
     }
 
+    /// Whether every origin is allowed (`"*"`).
+    pub fn allows_any_origin(&self) -> bool {
+        self.any_origin
+    }
+
     /// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
     /// `Access-Control-Request-Method`.
     pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {

@@ -10,6 +10,7 @@
 //! configuration in effect. Settings bound at start (listen addresses, the upstream client's
 //! timeouts and CA, logging) keep their value until restart, with a warning naming them.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError};
 
 use kcp_core::{Changes, KeyPool};
@@ -40,6 +41,21 @@ impl Policies {
             auth: ClientAuth::new(loaded.client_keys.clone()),
             cors: Cors::new(&loaded.config.cors),
             admin: Admin::new(loaded.config.observability.admin_token.clone()),
+        }
+    }
+
+    /// Logs a warning for each way these policies, served on `bind`, let strangers spend the
+    /// keys: an open proxy off loopback (allowed by `allow_anonymous`), and any web page
+    /// calling an open proxy through a visitor's browser (`"*"` origins without client keys).
+    pub fn warn_if_exposed(&self, bind: SocketAddr) {
+        if let Some(warning) = auth::warn_if_open(bind, &self.auth) {
+            tracing::warn!("{warning}");
+        }
+        if self.cors.allows_any_origin() && !self.auth.is_enabled() {
+            tracing::warn!(
+                "[cors] allowed_origins is \"*\" and no client keys are set: \
+                 any web page can spend the API keys through its visitors' browsers"
+            );
         }
     }
 }
@@ -82,9 +98,7 @@ impl App {
         warn_restart_only(&self.config.load().config, &loaded.config);
         self.inflight.set_max(loaded.config.server.max_inflight);
         let policies = Policies::new(&loaded);
-        if let Some(warning) = auth::warn_if_open(loaded.config.server.bind_addr, &policies.auth) {
-            tracing::warn!("{warning}");
-        }
+        policies.warn_if_exposed(loaded.config.server.bind_addr);
         self.policies.store(Arc::new(policies));
         self.pool.store(Arc::clone(&pool));
         self.config.store(Arc::new(loaded));

@@ -111,6 +111,7 @@ impl Server {
         };
         let (listener, local_addr) = listen(addr).await?;
         let (ops, ops_addr) = listen(ops_addr).await?;
+        app.policies.load().warn_if_exposed(local_addr);
         Ok(Server {
             listener,
             local_addr,
