@@ -2,7 +2,8 @@
 //!
 //! Only this crate knows HTTP; only kcp-core knows policy. The folders follow a request:
 //! [`edge`] (what a client may send), [`proxy`] (the attempt loop and streaming back),
-//! [`observe`] (metrics, access log, logging) and [`ops`] (serving, signals, reload).
+//! [`observe`] (metrics, access log, logging) and [`ops`] (serving, signals, reload);
+//! [`service`] routes a request and [`pipeline`] runs a `/v1` request through them in order.
 pub mod admin;
 pub mod app;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod edge;
 pub mod observe;
 pub mod ops;
 pub mod ops_listener;
+pub mod pipeline;
 pub mod proxy;
 pub mod service;
 

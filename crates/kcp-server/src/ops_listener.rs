@@ -47,7 +47,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
                     let app = Arc::clone(&app);
-                    let head_timeout = app.config.load().config.server.header_read_timeout();
+                    let head_timeout = app.generation.load().config.config.server.header_read_timeout();
                     connections.spawn(serve_connection(tcp, app, head_timeout));
                 }
                 Err(error) => {
@@ -78,7 +78,8 @@ async fn serve_connection(tcp: tokio::net::TcpStream, app: Arc<App>, head_timeou
 pub async fn handle(app: &App, request: Request<Incoming>) -> Response<ProxyBody> {
     let path = request.uri().path();
     if Admin::is_admin_path(path) {
-        let policies = app.policies.load_full();
+        let generation = app.generation();
+        let policies = &generation.policies;
         return policies.admin.handle(request, app).await;
     }
     let probe = matches!(*request.method(), Method::GET | Method::HEAD);

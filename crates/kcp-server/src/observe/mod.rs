@@ -23,6 +23,7 @@ use self::metrics::{InflightGauge, Metrics};
 use crate::app::App;
 use crate::clock;
 use crate::edge::request_id::{self, RequestId};
+use crate::pipeline::RequestCtx;
 use crate::proxy::{ModelName, ProxyBody, Report};
 
 /// Refreshes the key gauges from the pool in service and renders every metric of the app's
@@ -79,9 +80,11 @@ pub struct Exchange {
     body: BodyEnd,
 }
 
-/// Where the attempt loop leaves its [`Report`] when its request is abandoned before the
+/// Where a request's [`Report`] ends up: the pipeline keeps it here once the attempt loop
+/// answers, and the attempt loop leaves it here when the request is abandoned before the
 /// answer, so the access line and metrics of a client that gave up still name the model, the
-/// key and the attempts. [`Exchange::begin`] puts one in the request's extensions.
+/// key and the attempts. It lives in the request's [`RequestCtx`](crate::pipeline::RequestCtx),
+/// which shares it with the [`Exchange`].
 #[derive(Clone, Debug, Default)]
 pub struct Unfinished(Arc<Mutex<Option<Report>>>);
 
@@ -100,13 +103,12 @@ impl Unfinished {
 const CLIENT_CLOSED: u16 = 499;
 
 impl Exchange {
-    /// Starts observing `request`, leaving an [`Unfinished`] in its extensions; `quiet` for
-    /// health probes (no access line, no metrics).
-    pub fn begin<B>(app: &App, request: &mut Request<B>, quiet: bool) -> Exchange {
-        let id = RequestId::from_headers(request.headers());
+    /// Starts observing `request` of `ctx`; `quiet` for health probes (no access line, no
+    /// metrics).
+    pub fn begin<B>(app: &App, ctx: &RequestCtx, request: &Request<B>, quiet: bool) -> Exchange {
+        let id = ctx.id.clone();
         let span = id.span();
-        let unfinished = Unfinished::default();
-        request.extensions_mut().insert(unfinished.clone());
+        let unfinished = ctx.report.clone();
         Exchange {
             _inflight: app.metrics.inflight(),
             metrics: app.metrics.clone(),
@@ -130,10 +132,9 @@ impl Exchange {
     }
 
     /// The response with `x-kcp-request-id`, its body carrying this exchange to its end. Takes
-    /// the attempt loop's [`Report`] out of the response's extensions, if the service put one
-    /// there.
+    /// the request's [`Report`], if the pipeline made one.
     pub fn respond(mut self, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
-        self.report = response.extensions_mut().remove::<Report>();
+        self.report = self.unfinished.take();
         let elsewhere = self
             .report
             .as_ref()

@@ -3,9 +3,9 @@
 //! SIGHUP and `POST /admin/reload` both call [`App::reload`]. It re-runs [`config::load`] with
 //! the command line the server started with, builds the new key pool with
 //! `KeyPool::rebuild` (a key still present keeps its live state: cooldown, disabled, health,
-//! learned limits, counters) and only then stores the pool, the configuration and the
-//! [`Policies`] derived from it. Each store is an atomic swap (house rule 7): a request in
-//! flight keeps the snapshot and the lease it has, the next one sees the new configuration.
+//! learned limits, counters) and only then stores the configuration, the pool and the
+//! [`Policies`] derived from it as one [`Generation`], in one atomic swap (house rule 7): a
+//! request in flight keeps the generation and the lease it has, the next one sees the new one.
 //! Nothing is stored unless everything checks out, so an invalid file leaves the running
 //! configuration in effect. Settings bound at start (listen addresses, the upstream client's
 //! timeouts and CA, logging) keep their value until restart, with a warning naming them.
@@ -16,7 +16,7 @@ use std::sync::{Arc, PoisonError};
 use kcp_core::{Changes, KeyPool};
 
 use crate::admin::{Admin, AdminOps};
-use crate::app::{self, App};
+use crate::app::{self, App, Generation};
 use crate::cli::Cli;
 use crate::config::{self, Config, ConfigError, LoadedConfig};
 use crate::edge::auth::{self, ClientAuth};
@@ -90,18 +90,18 @@ impl App {
         let cli = source.as_ref().ok_or(ReloadError::NoSource)?;
         let loaded = config::load(cli)?;
         app::check_key_headers(&loaded.keys)?;
-        let pool = self.pool.load().rebuild(
+        let old = self.generation();
+        let pool = old.pool.rebuild(
             app::key_specs(&loaded.keys),
             app::pool_config(&loaded.config),
         );
         let pool = Arc::new(pool.map_err(StartError::from)?);
-        warn_restart_only(&self.config.load().config, &loaded.config);
+        warn_restart_only(&old.config.config, &loaded.config);
         self.inflight.set_max(loaded.config.server.max_inflight);
-        let policies = Policies::new(&loaded);
-        policies.warn_if_exposed(loaded.config.server.bind_addr);
-        self.policies.store(Arc::new(policies));
-        self.pool.store(Arc::clone(&pool));
-        self.config.store(Arc::new(loaded));
+        let generation = Generation::new(loaded, Arc::clone(&pool));
+        let bind = generation.config.config.server.bind_addr;
+        generation.policies.warn_if_exposed(bind);
+        self.generation.store(Arc::new(generation));
         self.on_pool_swapped(&pool);
         self.reloads.send_modify(|count| *count += 1);
         Ok(pool.len())
@@ -112,7 +112,7 @@ impl App {
         let result = self.reload();
         match &result {
             Ok(keys) => {
-                let sources = &self.config.load().sources;
+                let sources = &self.generation.load().config.sources;
                 tracing::info!(trigger, keys, %sources, "configuration reloaded");
             }
             Err(error) => tracing::error!(

@@ -106,12 +106,12 @@ impl Server {
     /// example one that can reload: [`App::reloadable`]).
     pub async fn bind_app(app: App) -> Result<Server, StartError> {
         let (addr, ops_addr) = {
-            let config = &app.config().config;
+            let config = &app.generation().config.config;
             (config.server.bind_addr, config.observability.metrics_bind)
         };
         let (listener, local_addr) = listen(addr).await?;
         let (ops, ops_addr) = listen(ops_addr).await?;
-        app.policies.load().warn_if_exposed(local_addr);
+        app.generation().policies.warn_if_exposed(local_addr);
         Ok(Server {
             listener,
             local_addr,
@@ -146,7 +146,7 @@ impl Server {
         let Server {
             listener, ops, app, ..
         } = self;
-        let mut limits = Limits::new(&app.config().config.server);
+        let mut limits = Limits::new(&app.generation().config.config.server);
         let probes = tokio::spawn(probe::run(Arc::clone(&app)));
         let ops = tokio::spawn(ops_listener::run(ops, Arc::clone(&app)));
         let graceful = GracefulShutdown::new();
@@ -164,7 +164,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => {
                         let _ = tcp.set_nodelay(true);
-                        limits.refresh(&app.config.load().config.server);
+                        limits.refresh(&app.generation.load().config.config.server);
                         let app = Arc::clone(&app);
                         connections.spawn(serve_connection(tcp, app, &limits, graceful.watcher()));
                     }
@@ -177,7 +177,7 @@ impl Server {
         }
         drop(listener);
         app.begin_drain();
-        let grace = app.config().config.server.graceful_shutdown();
+        let grace = app.generation().config.config.server.graceful_shutdown();
         tracing::info!(
             connections = connections.len(),
             grace_secs = grace.as_secs(),
