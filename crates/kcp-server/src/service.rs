@@ -1,6 +1,7 @@
 //! The client-facing HTTP service: the edge rules every request meets, then its route.
 //!
 //! - a method the proxy does not forward gets 405 with `Allow` ([`crate::edge::path`]);
+//! - a head over `server.max_header_bytes` gets 431 ([`crate::edge::head`]);
 //! - `OPTIONS` is CORS's: a preflight is answered from `[cors]` ([`crate::edge::cors`]), 403
 //!   for an origin that is not allowed (every origin, until some are configured);
 //! - a path with dot segments, empty segments or a backslash gets 400 ([`crate::edge::path`]);
@@ -25,7 +26,7 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::edge::openai_error::OpenAiError;
-use crate::edge::path;
+use crate::edge::{head, path};
 use crate::observe::Exchange;
 use crate::pipeline::{self, RequestCtx};
 use crate::proxy::ProxyBody;
@@ -79,6 +80,18 @@ where
     if !path::is_forwarded(method) {
         return path::method_not_allowed(method);
     }
+    let max_head = ctx.generation.config.config.server.max_header_bytes;
+    let (parts, body) = request.into_parts();
+    if let Err(error) = head::check(&parts, max_head) {
+        // As hyper does for the heads it refuses itself: the connection is not reused.
+        let mut response: Response<ProxyBody> = error.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let request = Request::from_parts(parts, body);
+    let method = request.method();
     let target = match path::normalize(request.uri()) {
         Ok(target) => target,
         Err(error) => return error.into_openai().into_response(),

@@ -12,7 +12,12 @@
 //! `server.header_read_timeout_ms` of being accepted is closed (hyper's own header timer only
 //! starts once the HTTP version is known, so a client that sends nothing would otherwise stay
 //! forever), hyper's timer bounds every later request head, and a head larger than
-//! `server.max_header_bytes` gets 431. Changed limits apply to connections accepted after a
+//! `server.max_header_bytes` gets 431 (in OpenAI's shape up to twice that size, past which
+//! hyper answers it alone). Past `server.max_connections` a new connection is closed at once;
+//! a client that stops reading is dropped after `server.response_write_timeout_ms`; a
+//! connection with no request in flight is closed after `server.idle_connection_timeout_ms`;
+//! h2 connections are pinged every `server.h2_keepalive_interval_ms` ([`super::connection`]).
+//! Connection errors are counted by kind. Changed limits apply to connections accepted after a
 //! reload.
 //!
 //! A second listener on `observability.metrics_bind` serves `/metrics` and the admin API
@@ -33,6 +38,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use super::connection::{self, Activity, ConnectionSlots, StallGuard};
 use crate::app::App;
 use crate::config::{LoadedConfig, ServerSection};
 use crate::ops_listener;
@@ -147,6 +153,7 @@ impl Server {
             listener, ops, app, ..
         } = self;
         let mut limits = Limits::new(&app.generation().config.config.server);
+        let slots = ConnectionSlots::default();
         let probes = tokio::spawn(probe::run(Arc::clone(&app)));
         let ops = tokio::spawn(ops_listener::run(ops, Arc::clone(&app)));
         let graceful = GracefulShutdown::new();
@@ -163,10 +170,19 @@ impl Server {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => {
-                        let _ = tcp.set_nodelay(true);
                         limits.refresh(&app.generation.load().config.config.server);
+                        let Some(slot) = slots.try_open(limits.server.max_connections) else {
+                            app.metrics.connection_refused();
+                            drop(tcp);
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
                         let app = Arc::clone(&app);
-                        connections.spawn(serve_connection(tcp, app, &limits, graceful.watcher()));
+                        let connection = serve_connection(tcp, app, &limits, graceful.watcher());
+                        connections.spawn(async move {
+                            let _slot = slot;
+                            connection.await
+                        });
                     }
                     Err(error) => {
                         tracing::warn!(%error, "accepting a connection failed");
@@ -228,7 +244,8 @@ impl Limits {
 type ConnectionResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// Serves one client connection until it ends or the drain closes it. A connection that has
-/// not started a request within `server.header_read_timeout_ms` is closed.
+/// not started a request within `server.header_read_timeout_ms` is closed, and so is one with
+/// no request in flight for `server.idle_connection_timeout_ms`.
 fn serve_connection(
     tcp: TcpStream,
     app: Arc<App>,
@@ -236,32 +253,56 @@ fn serve_connection(
     watcher: Watcher,
 ) -> impl Future<Output = ConnectionResult> + Send + 'static {
     let started = Arc::new(AtomicBool::new(false));
+    let activity = Activity::default();
+    let metrics = app.metrics.clone();
     let service = {
         let started = Arc::clone(&started);
+        let activity = activity.clone();
         service_fn(move |request| {
             started.store(true, Ordering::Relaxed);
+            let active = activity.begin();
             let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(service::handle(app, request).await) }
+            async move {
+                let response = service::handle(app, request).await;
+                Ok::<_, Infallible>(response.map(|body| body.active_on(active)))
+            }
         })
     };
+    let io = StallGuard::new(tcp, limits.server.response_write_timeout());
     let connection = limits
         .builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .into_owned();
     let head_timeout = limits.server.header_read_timeout();
+    let idle = limits.server.idle_connection_timeout();
     async move {
+        let _open = metrics.connection();
         let connection = watcher.watch(connection);
         tokio::pin!(connection);
-        tokio::select! {
-            served = &mut connection => return served,
-            () = tokio::time::sleep(head_timeout) => {}
+        let served = tokio::select! {
+            served = &mut connection => Some(served),
+            () = tokio::time::sleep(head_timeout) => None,
+        };
+        let served = match served {
+            Some(served) => served,
+            None if !started.load(Ordering::Relaxed) => {
+                tracing::debug!("closing a connection that sent no request in time");
+                return Ok(());
+            }
+            None => tokio::select! {
+                served = &mut connection => served,
+                () = activity.idle_for(idle) => {
+                    tracing::debug!("closing a connection that stayed idle");
+                    return Ok(());
+                }
+            },
+        };
+        if let Err(error) = &served {
+            if let Some(kind) = connection::error_kind(error.as_ref()) {
+                metrics.connection_error(kind);
+            }
         }
-        if started.load(Ordering::Relaxed) {
-            connection.await
-        } else {
-            tracing::debug!("closing a connection that sent no request in time");
-            Ok(())
-        }
+        served
     }
 }
 
@@ -287,15 +328,20 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// The HTTP/1.1 + h2 connection builder with the listener's limits.
 fn http_builder(server: &ServerSection) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Heads up to twice the limit reach the service, which answers 431 in OpenAI's shape
+    // ([`crate::edge::head`]); hyper refuses larger ones with its own bare 431.
+    let hard_limit = server.max_header_bytes.saturating_mul(2);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout())
-        .max_buf_size(server.max_header_bytes.max(MIN_BUF_SIZE));
+        .max_buf_size(hard_limit.max(MIN_BUF_SIZE));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+        .keep_alive_interval(Some(server.h2_keepalive_interval()))
+        .keep_alive_timeout(server.h2_keepalive_timeout())
+        .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX));
     builder
 }
 
