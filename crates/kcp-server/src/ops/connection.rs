@@ -8,7 +8,8 @@
 //!   making progress the connection fails, and hyper drops what it was sending: the response
 //!   body, its in-flight slot and the upstream call behind it.
 //! - [`Activity`]: requests in flight on the connection, with a guard that lives as long as
-//!   the response body. [`Activity::idle_for`] resolves once none has been for
+//!   the response body. [`Activity::expired`] resolves when no request started within
+//!   `server.header_read_timeout_ms` of the accept, or none has been in flight for
 //!   `server.idle_connection_timeout_ms`, so an h2 (or keep-alive) connection that carries no
 //!   requests is closed; h2 keep-alive pings (set on the builder) drop dead peers sooner.
 //! - [`error_kind`]: the label a connection error is counted under in
@@ -150,16 +151,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
     }
 }
 
+/// Requests on one connection: how many are in flight, and how many there were.
+#[derive(Debug, Clone, Copy, Default)]
+struct Count {
+    active: usize,
+    started: u64,
+}
+
 /// Requests in flight on one connection.
 #[derive(Debug, Clone)]
 pub struct Activity {
-    active: watch::Sender<usize>,
+    count: watch::Sender<Count>,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Activity {
-            active: watch::Sender::new(0),
+            count: watch::Sender::new(Count::default()),
         }
     }
 }
@@ -167,22 +175,35 @@ impl Default for Activity {
 impl Activity {
     /// Counts a request as in flight until the guard drops (with its response body).
     pub fn begin(&self) -> ActiveRequest {
-        self.active.send_modify(|n| *n += 1);
+        self.count.send_modify(|count| {
+            count.active += 1;
+            count.started += 1;
+        });
         ActiveRequest {
-            active: self.active.clone(),
+            count: self.count.clone(),
         }
     }
 
-    /// Resolves once no request has been in flight for `idle`.
-    pub async fn idle_for(&self, idle: Duration) {
-        let mut active = self.active.subscribe();
+    /// Resolves when the connection has no reason to stay open: no request has started within
+    /// `first` of now (the client sent nothing usable), or later no request has been in
+    /// flight for `idle`.
+    pub async fn expired(&self, first: Duration, idle: Duration) {
+        let mut count = self.count.subscribe();
+        // The sender lives in `self`, so no wait below can see a closed channel.
+        let started = tokio::time::timeout(first, count.wait_for(|c| c.started > 0))
+            .await
+            .is_ok();
+        if !started {
+            tracing::debug!("closing a connection that sent no request in time");
+            return;
+        }
         loop {
-            // The sender lives in `self`, so neither wait can see a closed channel.
-            let _ = active.wait_for(|n| *n == 0).await;
-            if tokio::time::timeout(idle, active.wait_for(|n| *n > 0))
+            let _ = count.wait_for(|c| c.active == 0).await;
+            if tokio::time::timeout(idle, count.wait_for(|c| c.active > 0))
                 .await
                 .is_err()
             {
+                tracing::debug!("closing a connection that stayed idle");
                 return;
             }
         }
@@ -192,12 +213,13 @@ impl Activity {
 /// One request in flight on its connection.
 #[derive(Debug)]
 pub struct ActiveRequest {
-    active: watch::Sender<usize>,
+    count: watch::Sender<Count>,
 }
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.active.send_modify(|n| *n = n.saturating_sub(1));
+        self.count
+            .send_modify(|count| count.active = count.active.saturating_sub(1));
     }
 }
 
@@ -244,18 +266,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn idle_for_waits_out_active_requests() {
+    async fn a_connection_without_a_request_expires_after_the_head_timeout() {
+        let activity = Activity::default();
+        let started = tokio::time::Instant::now();
+        activity
+            .expired(Duration::from_secs(2), Duration::from_secs(100))
+            .await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_waits_out_active_requests() {
         let activity = Activity::default();
         let request = activity.begin();
-        let idle = tokio::spawn({
+        let expired = tokio::spawn({
             let activity = activity.clone();
-            async move { activity.idle_for(Duration::from_secs(5)).await }
+            async move {
+                activity
+                    .expired(Duration::from_secs(1), Duration::from_secs(5))
+                    .await;
+            }
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!idle.is_finished(), "a request is in flight");
+        assert!(!expired.is_finished(), "a request is in flight");
         drop(request);
         let started = tokio::time::Instant::now();
-        idle.await.expect("idle");
+        expired.await.expect("expired");
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 

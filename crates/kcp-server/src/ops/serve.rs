@@ -28,7 +28,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -252,14 +251,11 @@ fn serve_connection(
     limits: &Limits,
     watcher: Watcher,
 ) -> impl Future<Output = ConnectionResult> + Send + 'static {
-    let started = Arc::new(AtomicBool::new(false));
     let activity = Activity::default();
     let metrics = app.metrics.clone();
     let service = {
-        let started = Arc::clone(&started);
         let activity = activity.clone();
         service_fn(move |request| {
-            started.store(true, Ordering::Relaxed);
             let active = activity.begin();
             let app = Arc::clone(&app);
             async move {
@@ -280,22 +276,8 @@ fn serve_connection(
         let connection = watcher.watch(connection);
         tokio::pin!(connection);
         let served = tokio::select! {
-            served = &mut connection => Some(served),
-            () = tokio::time::sleep(head_timeout) => None,
-        };
-        let served = match served {
-            Some(served) => served,
-            None if !started.load(Ordering::Relaxed) => {
-                tracing::debug!("closing a connection that sent no request in time");
-                return Ok(());
-            }
-            None => tokio::select! {
-                served = &mut connection => served,
-                () = activity.idle_for(idle) => {
-                    tracing::debug!("closing a connection that stayed idle");
-                    return Ok(());
-                }
-            },
+            served = &mut connection => served,
+            () = activity.expired(head_timeout, idle) => return Ok(()),
         };
         if let Err(error) = &served {
             if let Some(kind) = connection::error_kind(error.as_ref()) {
