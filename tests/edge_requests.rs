@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use key_cycle_proxy::server::config::RotationStrategy;
+use key_cycle_proxy::core::Strategy;
 use support::proxy_harness::{Proxy, WAIT, start_proxy};
 use support::{Behaviour, MockUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +24,7 @@ async fn two_keys(mock: &MockUpstream) -> Proxy {
             (KEY_A, mock.url(), vec!["others"]),
             (KEY_B, mock.url(), vec!["others"]),
         ],
-        |config| config.keys.rotation_strategy = RotationStrategy::RoundRobin,
+        |config| config.keys.rotation_strategy = Strategy::RoundRobin,
     )
     .await
 }

@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, Strategy};
+use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts};
 use kcp_upstream::{Upstream, UpstreamConfig};
 use prometheus::Registry;
 
 use crate::cli::Cli;
 use crate::clock;
-use crate::config::{Config, LoadedConfig, ResolvedKey, RotationStrategy, UpstreamSection};
+use crate::config::{Config, LoadedConfig, UpstreamSection};
 use crate::edge::overload::InflightLimit;
 use crate::observe::metrics::Metrics;
 use crate::ops::reload::Policies;
@@ -79,7 +79,7 @@ impl App {
     /// reading `upstream.ca_file`.
     pub fn new(loaded: LoadedConfig) -> Result<App, StartError> {
         check_key_headers(&loaded.keys)?;
-        let pool = KeyPool::new(key_specs(&loaded.keys), pool_config(&loaded.config))?;
+        let pool = KeyPool::new(loaded.keys.clone(), pool_config(&loaded.config))?;
         let upstream = Upstream::new(&upstream_config(&loaded.config.upstream))?;
         let registry = Registry::new();
         let metrics =
@@ -150,31 +150,10 @@ impl App {
     }
 }
 
-/// The pool's view of the configured keys, in precedence order.
-pub fn key_specs(keys: &[ResolvedKey]) -> Vec<KeySpec> {
-    keys.iter()
-        .map(|key| KeySpec {
-            secret: key.secret.clone(),
-            name: key.name.clone(),
-            url: key.url.clone(),
-            models: key.models.clone(),
-            weight: key.weight,
-            rpm: key.rpm,
-            tpm: key.tpm,
-            organization: key.organization.clone(),
-            project: key.project.clone(),
-        })
-        .collect()
-}
-
 /// The pool-wide policy of `[keys]` and `[rate_limit]`.
 pub fn pool_config(config: &Config) -> PoolConfig {
     PoolConfig {
-        strategy: match config.keys.rotation_strategy {
-            RotationStrategy::RoundRobin => Strategy::RoundRobin,
-            RotationStrategy::RoundRobinHealthWeighted => Strategy::RoundRobinHealthWeighted,
-            RotationStrategy::LeastLatency => Strategy::LeastLatency,
-        },
+        strategy: config.keys.rotation_strategy,
         unhealthy_penalty: config.keys.unhealthy_penalty,
         per_key_rps: config.rate_limit.per_key_rps,
         global_rps: config.rate_limit.global_rps,
@@ -195,7 +174,7 @@ pub fn upstream_config(section: &UpstreamSection) -> UpstreamConfig {
 
 /// Every key must fit in the headers it is sent with; checked once here rather than failing
 /// each request that lands on it.
-pub(crate) fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> {
+pub(crate) fn check_key_headers(keys: &[KeySpec]) -> Result<(), StartError> {
     for key in keys {
         if let Err(field) = headers::check_key(
             &key.secret,
@@ -203,7 +182,7 @@ pub(crate) fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> 
             key.project.as_deref(),
         ) {
             return Err(StartError::KeyHeader {
-                key: key.label(),
+                key: key.id().to_string(),
                 field,
             });
         }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kcp_core::Secret;
+use kcp_core::{Secret, Strategy};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration apart from the API keys, which `load` resolves separately.
@@ -199,7 +199,7 @@ impl UpstreamSection {
 #[serde(default, deny_unknown_fields)]
 pub struct KeysSection {
     /// How the next key is chosen among the eligible ones.
-    pub rotation_strategy: RotationStrategy,
+    pub rotation_strategy: Strategy,
     /// Health lost per upstream failure, in units of 20 points out of 1000 (a success earns
     /// 10); the health score weights `round_robin_health_weighted`.
     pub unhealthy_penalty: u32,
@@ -208,32 +208,8 @@ pub struct KeysSection {
 impl Default for KeysSection {
     fn default() -> Self {
         Self {
-            rotation_strategy: RotationStrategy::default(),
+            rotation_strategy: Strategy::default(),
             unhealthy_penalty: 5,
-        }
-    }
-}
-
-/// How the next key is chosen among the keys that can serve a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RotationStrategy {
-    /// Each key in turn.
-    RoundRobin,
-    /// In turn, weighted by `weight` and recent health.
-    #[default]
-    RoundRobinHealthWeighted,
-    /// The key with the lowest recent latency.
-    LeastLatency,
-}
-
-impl RotationStrategy {
-    /// The name used in config files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RoundRobin => "round_robin",
-            Self::RoundRobinHealthWeighted => "round_robin_health_weighted",
-            Self::LeastLatency => "least_latency",
         }
     }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use figment::Jail;
+use kcp_core::{KeySpec, Strategy};
 
 use super::*;
 use crate::cli::Cli;
@@ -79,7 +80,7 @@ fn toml_problems(jail: &mut Jail, toml: &str) -> figment::Result<Vec<String>> {
     Ok(problems(&Cli::default()))
 }
 
-fn exposed(keys: &[ResolvedKey]) -> Vec<&str> {
+fn exposed(keys: &[KeySpec]) -> Vec<&str> {
     keys.iter().map(|key| key.secret.expose()).collect()
 }
 
@@ -112,7 +113,7 @@ fn defaults_with_only_openai_keys() {
         assert_eq!(upstream.ca_file, None);
         assert_eq!(
             loaded.config.keys.rotation_strategy,
-            RotationStrategy::RoundRobinHealthWeighted
+            Strategy::RoundRobinHealthWeighted
         );
         assert_eq!(loaded.config.keys.unhealthy_penalty, 5);
         let rate = &loaded.config.rate_limit;
@@ -200,10 +201,7 @@ fn toml_alone() {
             "untouched field keeps its default"
         );
         assert_eq!(config.upstream.request_timeout().as_secs(), 120);
-        assert_eq!(
-            config.keys.rotation_strategy,
-            RotationStrategy::LeastLatency
-        );
+        assert_eq!(config.keys.rotation_strategy, Strategy::LeastLatency);
         assert_eq!(config.rate_limit.per_key_rps, Some(2.5));
         assert_eq!(config.rate_limit.global_rps, Some(40.0));
         assert_eq!(config.observability.log_format, LogFormat::Json);
@@ -317,7 +315,7 @@ fn environment_alone() {
         let config = &loaded.config;
         assert_eq!(config.server.bind_addr, addr("127.0.0.1:7100"));
         assert_eq!(config.upstream.max_retries, 7);
-        assert_eq!(config.keys.rotation_strategy, RotationStrategy::RoundRobin);
+        assert_eq!(config.keys.rotation_strategy, Strategy::RoundRobin);
         assert_eq!(config.cors.allowed_origins, ["https://a.example"]);
         assert_eq!(
             config
@@ -445,8 +443,9 @@ fn duplicates_across_sources_keep_the_first() {
         )?;
         jail.create_file(
             "config.json",
-            r#"{"apiKeys": [{"key": "sk-shared", "url": "https://api.openai.com/v1/", "models": ["others"]}]}"#,
+            r#"{"apiKeys": [{"key": "sk-shared", "url": "https://api.openai.com/", "models": ["others"]}]}"#,
         )?;
+        // `https://api.openai.com/` and the default `.../v1` are one upstream (kcp-core's rule).
         jail.set_env("OPENAI_KEYS", "sk-shared,sk-new,sk-new");
         let loaded = loaded(&Cli::default())?;
         assert_eq!(exposed(&loaded.keys), ["sk-shared", "sk-shared", "sk-new"]);

@@ -91,10 +91,9 @@ impl App {
         let loaded = config::load(cli)?;
         app::check_key_headers(&loaded.keys)?;
         let old = self.generation();
-        let pool = old.pool.rebuild(
-            app::key_specs(&loaded.keys),
-            app::pool_config(&loaded.config),
-        );
+        let pool = old
+            .pool
+            .rebuild(loaded.keys.clone(), app::pool_config(&loaded.config));
         let pool = Arc::new(pool.map_err(StartError::from)?);
         warn_restart_only(&old.config.config, &loaded.config);
         self.inflight.set_max(loaded.config.server.max_inflight);
