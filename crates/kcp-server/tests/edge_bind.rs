@@ -102,3 +102,61 @@ fn shipped_example_configs_pass_check_config() {
     let rendered = String::from_utf8_lossy(&output.stdout);
     assert!(rendered.contains("127.0.0.1:8080"), "{rendered}");
 }
+
+#[test]
+fn any_origin_with_anonymous_access_logs_a_startup_warning() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = workdir("cors-any");
+    std::fs::write(
+        dir.join("config.toml"),
+        "[server]\nbind_addr = \"127.0.0.1:0\"\n[observability]\nmetrics_bind = \"127.0.0.1:0\"\n\
+         [cors]\nallowed_origins = [\"*\"]\n",
+    )
+    .expect("write config");
+    let mut child = Command::new(BIN)
+        .current_dir(&dir)
+        .env_clear()
+        .env("OPENAI_KEYS", "sk-edge-bind-test")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kcp-server");
+    let (lines, received) = mpsc::channel();
+    for output in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    let warned = loop {
+        match received.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains("any web page can spend the API keys") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    child.kill().expect("stop kcp-server");
+    let _ = child.wait();
+    assert!(warned, "no warning; output:\n{}", seen.join("\n"));
+}

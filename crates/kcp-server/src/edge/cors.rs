@@ -86,16 +86,9 @@ impl Cors {
         self.any_origin
     }
 
-    /// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
-    /// `Access-Control-Request-Method`.
-    pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
-        method == Method::OPTIONS
-            && headers.contains_key(ORIGIN)
-            && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
-    }
-
-    /// The answer to a preflight: 204 with the allowed methods and headers, or 403 in
-    /// OpenAI's error shape for an origin that is not allowed.
+    /// The answer to an `OPTIONS` request (the service sends every one here): 204 with the
+    /// allowed methods and headers, or 403 in OpenAI's error shape for an origin that is not
+    /// allowed (or none).
     pub fn preflight<B: From<Full<Bytes>>>(&self, headers: &HeaderMap) -> Response<B> {
         let Some(allow_origin) = self.allow_origin(headers.get(ORIGIN)) else {
             return origin_not_allowed().into_response();
@@ -234,21 +227,6 @@ mod tests {
 
     fn header(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
         headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    #[test]
-    fn recognises_preflights() {
-        let pre = preflight_from(APP, "authorization");
-        assert!(Cors::is_preflight(&Method::OPTIONS, &pre));
-        assert!(!Cors::is_preflight(&Method::POST, &pre));
-        assert!(!Cors::is_preflight(
-            &Method::OPTIONS,
-            &request(&[("origin", APP)])
-        ));
-        assert!(!Cors::is_preflight(
-            &Method::OPTIONS,
-            &request(&[("access-control-request-method", "POST")])
-        ));
     }
 
     #[test]

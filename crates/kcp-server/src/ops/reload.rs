@@ -183,3 +183,54 @@ fn warn_restart_only(old: &Config, new: &Config) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, LogFormat};
+    use crate::observe::logging::capture::Captured;
+
+    fn policies(origins: &[&str], client_keys: &[&str]) -> Policies {
+        let mut config = Config::default();
+        config.cors.allowed_origins = origins.iter().map(|o| (*o).to_owned()).collect();
+        Policies::new(&LoadedConfig {
+            config,
+            keys: Vec::new(),
+            client_keys: client_keys
+                .iter()
+                .map(|k| kcp_core::Secret::new(*k))
+                .collect(),
+            sources: config::KeySources::default(),
+        })
+    }
+
+    fn warnings(policies: &Policies, bind: &str) -> String {
+        let bind: SocketAddr = bind.parse().expect("address");
+        let ((), logs) = Captured::run("warn", LogFormat::Text, || {
+            policies.warn_if_exposed(bind);
+        });
+        logs.text()
+    }
+
+    #[test]
+    fn any_origin_with_anonymous_access_warns_that_any_page_can_spend_the_keys() {
+        let logs = warnings(&policies(&["*"], &[]), "127.0.0.1:8080");
+        assert!(
+            logs.contains("any web page can spend the API keys"),
+            "{logs}"
+        );
+        assert_eq!(logs.lines().count(), 1, "{logs}");
+
+        let open = warnings(&policies(&[], &[]), "0.0.0.0:8080");
+        assert!(open.contains("can spend the key pool"), "{open}");
+        assert!(!open.contains("web page"), "{open}");
+
+        for quiet in [
+            policies(&["*"], &["kcp-token"]),
+            policies(&["https://app.example.com"], &[]),
+            policies(&[], &[]),
+        ] {
+            assert_eq!(warnings(&quiet, "127.0.0.1:8080"), "");
+        }
+    }
+}
