@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
-use key_cycle_proxy::server::access_log;
+use key_cycle_proxy::server::observe::access_log;
 use observability_support::{Captured, capture_logs, named_keys};
 use serde_json::Value;
 use support::mock_upstream::sse_events;

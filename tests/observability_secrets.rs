@@ -25,7 +25,7 @@ use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::cli::Cli;
 use key_cycle_proxy::server::config;
-use key_cycle_proxy::server::logging;
+use key_cycle_proxy::server::observe::logging;
 use observability_support::{Captured, capture_logs, scrape};
 use support::proxy_harness::{Proxy, Reply, closed_port_url, read, send_with, start_app};
 use support::{Behaviour, MockUpstream};
@@ -406,7 +406,7 @@ async fn no_secret_reaches_a_log_a_metric_the_admin_api_or_a_client() {
     evidence.admin(&reply);
 
     // A key pointing nowhere: the connect error is logged and answered.
-    let mut loaded = (*proxy.app.config()).clone();
+    let mut loaded = proxy.app.generation().config.clone();
     loaded.keys.truncate(1);
     loaded.keys[0].url = closed_port_url().await;
     loaded.keys[0].name = None;
@@ -433,9 +433,12 @@ async fn no_secret_reaches_a_log_a_metric_the_admin_api_or_a_client() {
 
     // Debug output of the running state and of start errors.
     evidence.error("App", format!("{:?}", proxy.app));
-    evidence.error("LoadedConfig", format!("{:?}", proxy.app.config()));
+    evidence.error(
+        "LoadedConfig",
+        format!("{:?}", proxy.app.generation().config),
+    );
     evidence.error("pool", format!("{:?}", proxy.app.pool()));
-    let mut bad_header = (*proxy.app.config()).clone();
+    let mut bad_header = proxy.app.generation().config.clone();
     let control_key = evidence.secret("sk-live", "control");
     bad_header.keys[0].secret = Secret::new(format!("{control_key}\u{7f}x"));
     let error = App::new(bad_header).expect_err("a key that is no header value");
@@ -468,7 +471,7 @@ async fn no_secret_reaches_a_log_a_metric_the_admin_api_or_a_client() {
     // A panic, through the panic hook the binary installs.
     let previous = std::panic::take_hook();
     logging::log_panics();
-    let config = proxy.app.config();
+    let config = proxy.app.generation();
     let panicked = std::panic::catch_unwind(|| panic!("state at the panic: {config:?}"));
     std::panic::set_hook(previous);
     let payload = panicked.expect_err("it panicked");

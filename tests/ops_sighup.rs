@@ -9,8 +9,8 @@ mod support;
 
 use config_file::{ConfigFile, config_toml};
 use http::StatusCode;
-use key_cycle_proxy::server::serve::Server;
-use key_cycle_proxy::server::signals::Signals;
+use key_cycle_proxy::server::ops::serve::Server;
+use key_cycle_proxy::server::ops::signals::Signals;
 use support::MockUpstream;
 use support::proxy_harness::{WAIT, client, read, send_with};
 

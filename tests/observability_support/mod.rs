@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use key_cycle_proxy::server::config::{Config, LoadedConfig, LogFormat, RotationStrategy};
-use key_cycle_proxy::server::{logging, metrics};
+use key_cycle_proxy::core::Strategy;
+use key_cycle_proxy::server::config::{Config, LoadedConfig, LogFormat};
+use key_cycle_proxy::server::observe::{logging, metrics};
 use serde_json::Value;
 
 use crate::support::proxy_harness::{Proxy, loaded_config, read, send_with};
@@ -26,7 +27,7 @@ pub fn named_keys(
         .map(|(_, secret, models)| (*secret, url.to_owned(), models.to_vec()))
         .collect();
     let mut loaded = loaded_config(specs, |config| {
-        config.keys.rotation_strategy = RotationStrategy::RoundRobin;
+        config.keys.rotation_strategy = Strategy::RoundRobin;
         tweak(config);
     });
     for (key, (name, _, _)) in loaded.keys.iter_mut().zip(keys) {

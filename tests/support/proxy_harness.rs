@@ -15,10 +15,11 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use key_cycle_proxy::core::KeySpec;
 use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::app::App;
-use key_cycle_proxy::server::config::{Config, KeySources, LoadedConfig, ResolvedKey};
-use key_cycle_proxy::server::serve::{ServeError, Server};
+use key_cycle_proxy::server::config::{Config, KeySources, LoadedConfig};
+use key_cycle_proxy::server::ops::serve::{ServeError, Server};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -55,8 +56,8 @@ pub fn test_config() -> Config {
 }
 
 /// A key as the config loader would resolve it: no name, weight 1.
-pub fn resolved_key(key: &str, url: &str, models: &[&str]) -> ResolvedKey {
-    ResolvedKey {
+pub fn resolved_key(key: &str, url: &str, models: &[&str]) -> KeySpec {
+    KeySpec {
         secret: Secret::new(key),
         url: url.to_owned(),
         models: models.iter().map(|m| (*m).to_owned()).collect(),

@@ -33,9 +33,9 @@ use serde::Serialize;
 
 use base64::Engine;
 
-use crate::auth::{bearer_token, matches_any};
 use crate::clock;
-use crate::openai_error::OpenAiError;
+use crate::edge::auth::{bearer_token, matches_any};
+use crate::edge::openai_error::OpenAiError;
 
 /// What the admin API needs from the running proxy.
 pub trait AdminOps: Send + Sync {

@@ -1,37 +1,58 @@
 //! The proxy's shared state: one [`App`] per running server, behind an `Arc`.
 //!
-//! Request handling never takes a lock here. The key pool and the active configuration sit
-//! behind [`ArcSwap`]s: a request loads each once (one atomic increment) and keeps that
-//! snapshot to its end, while a reload builds a new pool (`KeyPool::rebuild`, which keeps the
-//! live state of every key still present) and stores it for the next requests. One
-//! [`Upstream`] (one connection pool) serves every key, so keys of the same provider share
-//! warm connections.
+//! Request handling never takes a lock here. The configuration, the key pool built from it and
+//! the policies derived from it form one [`Generation`] behind one [`ArcSwap`]: a request loads
+//! it once (one atomic increment) when it arrives and keeps that snapshot to its end, so it
+//! never sees a mix of an old and a new configuration, while a reload builds a whole new
+//! generation (`KeyPool::rebuild` keeps the live state of every key still present) and stores
+//! it for the next requests. One [`Upstream`] (one connection pool) serves every key, so keys
+//! of the same provider share warm connections.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, Strategy, WaitQueue};
+use kcp_core::{KeyPool, KeySpec, PoolConfig, StateCounts, WaitQueue};
 use kcp_upstream::{Upstream, UpstreamConfig};
 use prometheus::Registry;
 
 use crate::cli::Cli;
 use crate::clock;
-use crate::config::{Config, LoadedConfig, ResolvedKey, RotationStrategy, UpstreamSection};
-use crate::metrics::Metrics;
-use crate::overload::InflightLimit;
+use crate::config::{Config, LoadedConfig, UpstreamSection};
+use crate::edge::overload::InflightLimit;
+use crate::observe::metrics::Metrics;
+use crate::ops::reload::Policies;
+use crate::ops::serve::StartError;
 use crate::proxy::headers;
-use crate::reload::Policies;
-use crate::serve::StartError;
+
+/// One configuration in force with everything built from it, swapped as a whole on reload.
+#[derive(Debug)]
+pub struct Generation {
+    /// The configuration (settings, keys as configured, client tokens).
+    pub config: LoadedConfig,
+    /// The key pool built from its keys.
+    pub pool: Arc<KeyPool>,
+    /// Client auth, CORS and the admin gate.
+    pub policies: Policies,
+}
+
+impl Generation {
+    /// The generation of `config` with `pool`.
+    pub fn new(config: LoadedConfig, pool: Arc<KeyPool>) -> Generation {
+        Generation {
+            policies: Policies::new(&config),
+            config,
+            pool,
+        }
+    }
+}
 
 /// State shared by every connection and request of one server.
 #[derive(Debug)]
 pub struct App {
-    /// The key pool in service; swap in a rebuilt pool to reload keys.
-    pub pool: ArcSwap<KeyPool>,
-    /// The configuration in force (settings, keys as configured, client tokens).
-    pub config: ArcSwap<LoadedConfig>,
+    /// The generation in force; a reload stores a new one.
+    pub generation: ArcSwap<Generation>,
     /// The upstream client: one connection pool for every key.
     pub upstream: Upstream,
     /// Set once shutdown begins: the proxy finishes what it has and takes nothing new.
@@ -42,8 +63,6 @@ pub struct App {
     pub metrics: Metrics,
     /// Every metric of this server, rendered on `/metrics` ([`crate::observe`]).
     pub registry: Registry,
-    /// Client auth, CORS and the admin gate of the configuration in force.
-    pub policies: ArcSwap<Policies>,
     /// `server.max_inflight`: requests past it are refused with 503.
     pub inflight: InflightLimit,
     /// The command line the configuration is re-read with on reload ([`App::reloadable`]);
@@ -60,29 +79,26 @@ impl App {
     /// reading `upstream.ca_file`.
     pub fn new(loaded: LoadedConfig) -> Result<App, StartError> {
         check_key_headers(&loaded.keys)?;
-        let pool = KeyPool::new(key_specs(&loaded.keys), pool_config(&loaded.config))?;
+        let pool = KeyPool::new(loaded.keys.clone(), pool_config(&loaded.config))?;
         let upstream = Upstream::new(&upstream_config(&loaded.config.upstream))?;
         let registry = Registry::new();
         let metrics =
             Metrics::new(&registry).expect("a fresh registry holds none of the proxy's metrics");
-        let policies = Policies::new(&loaded);
         let inflight = InflightLimit::new(loaded.config.server.max_inflight);
         let queue = WaitQueue::new(loaded.config.rate_limit.max_queue);
         let app = App {
-            pool: ArcSwap::from_pointee(pool),
-            config: ArcSwap::from_pointee(loaded),
+            generation: ArcSwap::from_pointee(Generation::new(loaded, Arc::new(pool))),
             upstream,
             draining: AtomicBool::new(false),
             queue,
             metrics,
             registry,
-            policies: ArcSwap::from_pointee(policies),
             inflight,
             source: Mutex::new(None),
             reloads: tokio::sync::watch::Sender::new(0),
             drain_began: tokio::sync::watch::Sender::new(false),
         };
-        app.on_pool_swapped(&app.pool.load());
+        app.on_pool_swapped(&app.pool());
         Ok(app)
     }
 
@@ -93,19 +109,19 @@ impl App {
         self.metrics.set_models(pool.routes().named_models());
     }
 
-    /// The key pool in service now.
-    pub fn pool(&self) -> Arc<KeyPool> {
-        self.pool.load_full()
+    /// The generation in force now: a request takes it once, on arrival.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.generation.load_full()
     }
 
-    /// The configuration in force now.
-    pub fn config(&self) -> Arc<LoadedConfig> {
-        self.config.load_full()
+    /// The key pool in service now.
+    pub fn pool(&self) -> Arc<KeyPool> {
+        Arc::clone(&self.generation.load().pool)
     }
 
     /// How many keys are in each state now (`GET /health`).
     pub fn key_counts(&self) -> StateCounts {
-        self.pool.load().counts(clock::now())
+        self.generation.load().pool.counts(clock::now())
     }
 
     /// Marks the start of the drain: the client listener is closed and `/ready` answers 503.
@@ -135,31 +151,10 @@ impl App {
     }
 }
 
-/// The pool's view of the configured keys, in precedence order.
-pub fn key_specs(keys: &[ResolvedKey]) -> Vec<KeySpec> {
-    keys.iter()
-        .map(|key| KeySpec {
-            secret: key.secret.clone(),
-            name: key.name.clone(),
-            url: key.url.clone(),
-            models: key.models.clone(),
-            weight: key.weight,
-            rpm: key.rpm,
-            tpm: key.tpm,
-            organization: key.organization.clone(),
-            project: key.project.clone(),
-        })
-        .collect()
-}
-
 /// The pool-wide policy of `[keys]` and `[rate_limit]`.
 pub fn pool_config(config: &Config) -> PoolConfig {
     PoolConfig {
-        strategy: match config.keys.rotation_strategy {
-            RotationStrategy::RoundRobin => Strategy::RoundRobin,
-            RotationStrategy::RoundRobinHealthWeighted => Strategy::RoundRobinHealthWeighted,
-            RotationStrategy::LeastLatency => Strategy::LeastLatency,
-        },
+        strategy: config.keys.rotation_strategy,
         unhealthy_penalty: config.keys.unhealthy_penalty,
         per_key_rps: config.rate_limit.per_key_rps,
         global_rps: config.rate_limit.global_rps,
@@ -180,7 +175,7 @@ pub fn upstream_config(section: &UpstreamSection) -> UpstreamConfig {
 
 /// Every key must fit in the headers it is sent with; checked once here rather than failing
 /// each request that lands on it.
-pub(crate) fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> {
+pub(crate) fn check_key_headers(keys: &[KeySpec]) -> Result<(), StartError> {
     for key in keys {
         if let Err(field) = headers::check_key(
             &key.secret,
@@ -188,7 +183,7 @@ pub(crate) fn check_key_headers(keys: &[ResolvedKey]) -> Result<(), StartError> 
             key.project.as_deref(),
         ) {
             return Err(StartError::KeyHeader {
-                key: key.label(),
+                key: key.id().to_string(),
                 field,
             });
         }

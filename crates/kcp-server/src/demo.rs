@@ -20,13 +20,13 @@ use http::{Method, Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kcp_core::Secret;
+use kcp_core::{KeySpec, Secret};
 use kcp_mock::{Behaviour, MockUpstream, RateLimit};
 use tokio::sync::Semaphore;
 
 use crate::app::App;
-use crate::config::{Config, KeySources, LoadedConfig, ResolvedKey};
-use crate::serve::{ServeError, Server, StartError};
+use crate::config::{Config, KeySources, LoadedConfig};
+use crate::ops::serve::{ServeError, Server, StartError};
 
 /// The status page's password in the demo (any user name). The demo listens on loopback only.
 pub const ADMIN_TOKEN: &str = "kcp-demo";
@@ -206,16 +206,8 @@ fn config(mock: &MockUpstream, port: u16) -> LoadedConfig {
     config.server.graceful_shutdown_seconds = 2;
     let keys = KEYS
         .iter()
-        .map(|key| ResolvedKey {
-            secret: Secret::new(key.secret),
-            url: format!("{}/v1", mock.url()),
-            models: vec!["others".to_owned()],
-            name: Some(key.name.to_owned()),
-            weight: 1,
-            rpm: None,
-            tpm: None,
-            organization: None,
-            project: None,
+        .map(|key| {
+            KeySpec::new(Secret::new(key.secret), format!("{}/v1", mock.url())).with_name(key.name)
         })
         .collect();
     LoadedConfig {

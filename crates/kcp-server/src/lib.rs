@@ -1,27 +1,23 @@
 //! KeyCycleProxy server: the hyper service that wires kcp-core and kcp-upstream together.
 //!
-//! Only this crate knows HTTP; only kcp-core knows policy.
-pub mod access_log;
+//! Only this crate knows HTTP; only kcp-core knows policy. The folders follow a request:
+//! [`edge`] (what a client may send), [`proxy`] (the attempt loop's I/O and streaming back),
+//! [`observe`] (metrics, access log, logging) and [`ops`] (serving, signals, reload);
+//! [`service`] routes a request and [`pipeline`] runs a `/v1` request through them in order.
+//! [`ops_listener`], [`admin`] and [`status`] serve operators; [`demo`] and [`healthcheck`] are
+//! the binary's subcommands.
 pub mod admin;
 pub mod app;
-pub mod auth;
-pub mod body_limit;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod cors;
 pub mod demo;
+pub mod edge;
 pub mod healthcheck;
-pub mod logging;
-pub mod metrics;
 pub mod observe;
-pub mod openai_error;
+pub mod ops;
 pub mod ops_listener;
-pub mod overload;
+pub mod pipeline;
 pub mod proxy;
-pub mod reload;
-pub mod request_id;
-pub mod serve;
 pub mod service;
-pub mod signals;
 pub mod status;

@@ -12,14 +12,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kcp_server::app::App;
-use kcp_server::auth;
 use kcp_server::cli::{Cli, Command};
 use kcp_server::config::{self, ConfigError, LogFormat};
 use kcp_server::demo::{Demo, DemoOptions};
 use kcp_server::healthcheck;
-use kcp_server::logging;
-use kcp_server::serve::{Server, error_chain};
-use kcp_server::signals::Signals;
+use kcp_server::observe::logging;
+use kcp_server::ops::serve::{Server, error_chain};
+use kcp_server::ops::signals::Signals;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -83,11 +82,6 @@ async fn main() -> ExitCode {
         metrics_addr = %server.metrics_addr(),
         "listening"
     );
-    if let Some(warning) =
-        auth::warn_if_open(server.local_addr(), &server.app().policies.load().auth)
-    {
-        tracing::warn!("{warning}");
-    }
     let shutdown = signals.until_shutdown(server.app());
     match server.run(shutdown).await {
         Ok(()) => tracing::info!("stopped"),

@@ -31,9 +31,9 @@ use tokio::task::JoinSet;
 use crate::admin::Admin;
 use crate::app::App;
 use crate::clock;
-use crate::metrics;
+use crate::edge::openai_error::OpenAiError;
 use crate::observe;
-use crate::openai_error::OpenAiError;
+use crate::observe::metrics;
 use crate::proxy::ProxyBody;
 use crate::service;
 use crate::status::{self, StatusBoard};
@@ -60,7 +60,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
                     let app = Arc::clone(&app);
-                    let head_timeout = app.config.load().config.server.header_read_timeout();
+                    let head_timeout = app.generation.load().config.config.server.header_read_timeout();
                     let board = Arc::clone(&board);
                     connections.spawn(serve_connection(tcp, app, board, head_timeout));
                 }
@@ -102,7 +102,8 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let path = request.uri().path();
     if Admin::is_admin_path(path) {
-        let policies = app.policies.load_full();
+        let generation = app.generation();
+        let policies = &generation.policies;
         return policies.admin.handle(request, app).await;
     }
     if status::is_status_path(path) {

@@ -1,18 +1,19 @@
-//! The client-facing HTTP service: routes each request to the proxy path, the health checks
-//! or a 404.
+//! The client-facing HTTP service: the edge rules every request meets, then its route.
 //!
-//! - every method under `/v1/*` is forwarded ([`crate::proxy`]);
+//! - a method the proxy does not forward gets 405 with `Allow` ([`crate::edge::path`]);
+//! - a head over `server.max_header_bytes` gets 431 ([`crate::edge::head`]);
+//! - `OPTIONS` is CORS's: a preflight is answered from `[cors]` ([`crate::edge::cors`]), 403
+//!   for an origin that is not allowed (every origin, until some are configured);
+//! - a path with dot segments, empty segments or a backslash gets 400 ([`crate::edge::path`]);
+//! - `/v1` and everything below `/v1/` runs through the [`crate::pipeline`];
 //! - `GET /health` (liveness) answers 200 with the key counts by state, from memory: it
 //!   never calls the upstream, so a provider outage does not get the proxy restarted;
 //! - `GET /ready` (readiness) answers 200 while the proxy can serve ([`App::readiness`]),
 //!   else 503 with the reason, so a load balancer stops sending it traffic;
 //! - anything else is 404 in OpenAI's error shape.
 //!
-//! Before routing, a CORS preflight is answered from `[cors]` ([`crate::cors`]); after it,
-//! every answer (errors included) gets the CORS headers for an allowed `Origin`. A `/v1`
-//! request must carry a client key when `[auth]` lists some ([`crate::auth`]) and is refused
-//! with 503 `overloaded` past `server.max_inflight` ([`crate::overload`]); neither refusal
-//! reaches an upstream.
+//! Every answer (errors included) gets the CORS headers for an allowed `Origin`, and none
+//! otherwise. No refusal here reaches an upstream.
 
 use std::sync::Arc;
 
@@ -24,27 +25,25 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::auth::ClientAuth;
-use crate::body_limit;
-use crate::cors::Cors;
+use crate::edge::openai_error::OpenAiError;
+use crate::edge::{head, path};
 use crate::observe::Exchange;
-use crate::openai_error::OpenAiError;
-use crate::overload::InflightLimit;
-use crate::proxy::{self, ProxyBody};
-use crate::reload::Policies;
+use crate::pipeline::{self, RequestCtx};
+use crate::proxy::ProxyBody;
 
 /// Answers one client request, observed from its head to its response's last byte
 /// ([`Exchange`]): its id comes back in `x-kcp-request-id` and tags every log line it causes,
 /// and it ends with an access line and the request metrics.
-pub async fn handle<B>(app: Arc<App>, mut request: Request<B>) -> Response<ProxyBody>
+pub async fn handle<B>(app: Arc<App>, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     let quiet = is_probe(&request);
-    let exchange = Exchange::begin(&app, &mut request, quiet);
+    let ctx = RequestCtx::arrive(&app, request.headers());
+    let exchange = Exchange::begin(&app, &ctx, &request, quiet);
     let span = exchange.span().clone();
-    let response = answer(app, request).instrument(span).await;
+    let response = answer(&app, ctx, request).instrument(span).await;
     exchange.respond(response)
 }
 
@@ -54,75 +53,56 @@ fn is_probe<B>(request: &Request<B>) -> bool {
         && matches!(request.uri().path(), "/health" | "/ready")
 }
 
-/// Answers one client request: a CORS preflight, or the route's answer with CORS headers.
-async fn answer<B>(app: Arc<App>, request: Request<B>) -> Response<ProxyBody>
+/// The answer to one request, with CORS headers for an allowed origin.
+async fn answer<B>(app: &App, ctx: RequestCtx, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let policies = app.policies.load_full();
-    if Cors::is_preflight(request.method(), request.headers()) {
-        return policies.cors.preflight(request.headers());
+    let generation = Arc::clone(&ctx.generation);
+    let cors = &generation.policies.cors;
+    if request.method() == Method::OPTIONS {
+        return cors.preflight(request.headers());
     }
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let mut response = route(&app, &policies, request).await;
-    policies
-        .cors
-        .decorate(origin.as_ref(), response.headers_mut());
+    let mut response = route(app, ctx, request).await;
+    cors.decorate(origin.as_ref(), response.headers_mut());
     response
 }
 
-/// The answer to a request that is not a preflight, before CORS decoration.
-async fn route<B>(app: &App, policies: &Policies, request: Request<B>) -> Response<ProxyBody>
+/// The answer to a request that is not `OPTIONS`, before CORS decoration.
+async fn route<B>(app: &App, ctx: RequestCtx, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let path = request.uri().path();
-    let probe = matches!(*request.method(), Method::GET | Method::HEAD);
-    match path {
-        "/health" if probe => health(app),
-        "/ready" if probe => ready(app),
-        _ if is_api(path) => forward(app, &policies.auth, request).await,
-        _ => OpenAiError::not_found(path).into_response(),
+    let method = request.method();
+    if !path::is_forwarded(method) {
+        return path::method_not_allowed(method);
     }
-}
-
-/// Whether `path` is under the proxied API.
-fn is_api(path: &str) -> bool {
-    path == "/v1" || path.starts_with("/v1/")
-}
-
-async fn forward<B>(app: &App, auth: &ClientAuth, request: Request<B>) -> Response<ProxyBody>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
+    let max_head = ctx.generation.config.config.server.max_header_bytes;
     let (parts, body) = request.into_parts();
-    if let Err(error) = auth.check(&parts.headers) {
-        return error.into_response();
+    if let Err(error) = head::check(&parts, max_head) {
+        // As hyper does for the heads it refuses itself: the connection is not reused.
+        let mut response: Response<ProxyBody> = error.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
     }
-    let Some(admitted) = app.inflight.try_enter() else {
-        return InflightLimit::refusal().into_response();
-    };
-    let (limit, idle) = {
-        let config = app.config.load();
-        let server = &config.config.server;
-        let limit = u64::try_from(server.request_body_limit_bytes).unwrap_or(u64::MAX);
-        (limit, server.body_read_timeout())
-    };
-    let declared = match body_limit::content_length(&parts.headers) {
-        Ok(declared) => declared,
-        Err(error) => return error.into_response(),
-    };
-    let body = match body_limit::read_body(body, declared, limit, idle).await {
-        Ok(body) => body,
+    let request = Request::from_parts(parts, body);
+    let method = request.method();
+    let target = match path::normalize(request.uri()) {
+        Ok(target) => target,
         Err(error) => return error.into_openai().into_response(),
     };
-    let (mut response, report) = proxy::forward(app, parts, body).await;
-    report.trace();
-    response.extensions_mut().insert(report);
-    response.map(|body| body.holding(admitted))
+    let probe = matches!(*method, Method::GET | Method::HEAD);
+    match target.path() {
+        "/health" if probe => health(app),
+        "/ready" if probe => ready(app),
+        _ if target.is_api() => pipeline::run(app, ctx, &target, request).await,
+        other => OpenAiError::not_found(other).into_response(),
+    }
 }
 
 #[derive(Serialize)]
@@ -182,25 +162,4 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<ProxyBody> {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_v1_paths_are_proxied() {
-        for path in ["/v1", "/v1/", "/v1/chat/completions", "/v1/files/f?x=1"] {
-            assert!(is_api(path), "{path}");
-        }
-        for path in [
-            "/",
-            "/v1beta/models",
-            "/v2/models",
-            "/health",
-            "/admin/keys",
-        ] {
-            assert!(!is_api(path), "{path}");
-        }
-    }
 }

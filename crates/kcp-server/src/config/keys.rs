@@ -7,14 +7,14 @@
 //! the same key; the first occurrence wins, so a named, weighted TOML entry is not replaced by
 //! a bare copy from `OPENAI_KEYS`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
 use figment::Figment;
 use figment::providers::{Format, Json};
 use figment::value::Value;
-use kcp_core::Secret;
+use kcp_core::{KeySpec, Secret};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde::de::IgnoredAny;
@@ -25,38 +25,6 @@ use super::validate::http_url;
 
 /// The model name that makes a key serve every model no other key lists.
 const ANY_MODEL: &str = "others";
-
-/// One usable API key with everything the pool needs to route and limit it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedKey {
-    /// The key itself.
-    pub secret: Secret,
-    /// Upstream base URL, without a trailing `/`.
-    pub url: String,
-    /// Models this key serves; `"others"` serves every model no key lists.
-    pub models: Vec<String>,
-    /// Operator-chosen name for logs and metrics; the fingerprint is used without one.
-    pub name: Option<String>,
-    /// Relative share of traffic.
-    pub weight: u32,
-    /// Requests per minute the provider allows this key.
-    pub rpm: Option<u32>,
-    /// Tokens per minute the provider allows this key.
-    pub tpm: Option<u32>,
-    /// Sent as `OpenAI-Organization`.
-    pub organization: Option<String>,
-    /// Sent as `OpenAI-Project`.
-    pub project: Option<String>,
-}
-
-impl ResolvedKey {
-    /// How logs, metrics and errors refer to this key: its name, or its fingerprint.
-    pub fn label(&self) -> String {
-        self.name
-            .clone()
-            .unwrap_or_else(|| self.secret.fingerprint())
-    }
-}
 
 /// How many keys each source contributed, after duplicates were removed. Its `Display` is
 /// the startup line: `3 keys: 2 from config.toml, 1 from config.json, 0 from OPENAI_KEYS
@@ -121,7 +89,7 @@ pub(super) struct Candidate {
     origin: Origin,
     source: String,
     place: String,
-    key: ResolvedKey,
+    key: KeySpec,
 }
 
 /// A `[[api_keys]]` entry of `config.toml`.
@@ -184,7 +152,7 @@ pub(super) fn from_toml(
                 origin: Origin::Toml,
                 source: source.to_owned(),
                 place,
-                key: ResolvedKey {
+                key: KeySpec {
                     secret,
                     url,
                     models,
@@ -267,19 +235,19 @@ pub(super) fn split_secrets(raw: &str) -> Vec<Secret> {
         .collect()
 }
 
-/// Drops repeated (secret, url) pairs, keeping the first, counts keys per source, and
+/// Drops repeated keys (`KeySpec::same_key`), keeping the first, counts keys per source, and
 /// rejects a name used by two keys.
 pub(super) fn combine(
     candidates: Vec<Candidate>,
     problems: &mut Vec<Problem>,
-) -> (Vec<ResolvedKey>, KeySources) {
+) -> (Vec<KeySpec>, KeySources) {
     let mut sources = KeySources::default();
-    let mut seen: HashSet<(Secret, String)> = HashSet::new();
     let mut names: HashMap<String, String> = HashMap::new();
     let mut keys = Vec::with_capacity(candidates.len());
     for candidate in candidates {
         let key = candidate.key;
-        if !seen.insert((key.secret.clone(), key.url.clone())) {
+        // kcp-core's one identity rule: same secret, same url up to a trailing `/` or `/v1`.
+        if keys.iter().any(|kept: &KeySpec| kept.same_key(&key)) {
             sources.duplicates += 1;
             continue;
         }
@@ -306,8 +274,8 @@ pub(super) fn combine(
     (keys, sources)
 }
 
-fn plain_key(secret: Secret, url: String, models: Vec<String>) -> ResolvedKey {
-    ResolvedKey {
+fn plain_key(secret: Secret, url: String, models: Vec<String>) -> KeySpec {
+    KeySpec {
         secret,
         url,
         models,
@@ -553,8 +521,8 @@ mod tests {
     fn a_key_is_labelled_by_name_or_fingerprint() {
         let secret = Secret::new("sk-label-test");
         let mut key = plain_key(secret.clone(), "https://x".into(), vec![]);
-        assert_eq!(key.label(), secret.fingerprint());
+        assert_eq!(key.id().as_str(), secret.fingerprint());
         key.name = Some("team-a".into());
-        assert_eq!(key.label(), "team-a");
+        assert_eq!(key.id().as_str(), "team-a");
     }
 }

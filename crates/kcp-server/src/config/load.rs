@@ -15,12 +15,12 @@ use figment::error::Kind;
 use figment::providers::{Env, Format, Json, Toml};
 use figment::value::Value;
 use figment::{Figment, Metadata, Provider};
-use kcp_core::Secret;
+use kcp_core::{KeySpec, Secret};
 use serde::de::DeserializeOwned;
 
 use super::collect::deserialize_all;
 use super::error::{ConfigError, Problem, container, reword};
-use super::keys::{self, KeySources, ResolvedKey};
+use super::keys::{self, KeySources};
 use super::sections::{AuthSection, Config};
 use super::validate;
 use crate::cli::Cli;
@@ -38,7 +38,7 @@ pub struct LoadedConfig {
     /// Everything but the keys.
     pub config: Config,
     /// The key pool, de-duplicated, in precedence order.
-    pub keys: Vec<ResolvedKey>,
+    pub keys: Vec<KeySpec>,
     /// Accepted client tokens: `[auth] client_keys` plus those in `client_keys_env`. Empty
     /// means the proxy does not authenticate clients.
     pub client_keys: Vec<Secret>,
@@ -132,6 +132,7 @@ pub fn load(cli: &Cli) -> Result<LoadedConfig, ConfigError> {
         ));
     }
     let client_keys = client_keys(&config.auth, &origins, &mut problems);
+    validate::open_bind(&config, !client_keys.is_empty(), &origins, &mut problems);
 
     if problems.is_empty() {
         Ok(LoadedConfig {

@@ -22,10 +22,10 @@ mod validate;
 mod tests;
 
 pub use error::{ConfigError, Problem};
-pub use keys::{KeySources, ResolvedKey};
+pub use keys::KeySources;
 pub use load::{LoadedConfig, load};
 pub use render::render_effective;
 pub use sections::{
     AuthSection, Config, CorsSection, KeysSection, LogFormat, ObservabilitySection,
-    RateLimitSection, RotationStrategy, ServerSection, UpstreamSection,
+    RateLimitSection, ServerSection, UpstreamSection,
 };

@@ -6,9 +6,9 @@
 
 use serde::Serialize;
 
-use super::keys::ResolvedKey;
 use super::load::LoadedConfig;
 use super::sections::Config;
+use kcp_core::KeySpec;
 
 #[derive(Serialize)]
 struct Effective<'a> {
@@ -31,8 +31,8 @@ struct KeyView<'a> {
     project: Option<&'a str>,
 }
 
-impl<'a> From<&'a ResolvedKey> for KeyView<'a> {
-    fn from(key: &'a ResolvedKey) -> Self {
+impl<'a> From<&'a KeySpec> for KeyView<'a> {
+    fn from(key: &'a KeySpec) -> Self {
         Self {
             name: key.name.as_deref(),
             fingerprint: key.secret.fingerprint(),

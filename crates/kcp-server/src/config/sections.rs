@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kcp_core::Secret;
+use kcp_core::{Secret, Strategy};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration apart from the API keys, which `load` resolves separately.
@@ -50,18 +50,39 @@ pub struct ServerSection {
     pub body_read_timeout_ms: u64,
     /// Largest request head (request line + headers) accepted.
     pub max_header_bytes: usize,
+    /// Deadline for a whole request body, on top of the idle gap between chunks, so a client
+    /// trickling one byte at a time cannot hold a slot for long.
+    pub body_timeout_ms: u64,
+    /// Longest a client may leave a response chunk unread before it is dropped, which frees its
+    /// slot and cancels its upstream call.
+    pub response_write_timeout_ms: u64,
+    /// Client connections open at once; a connection beyond it is closed at once.
+    pub max_connections: usize,
+    /// Interval of h2 keep-alive pings to a client; a dead peer is dropped when one goes
+    /// unanswered for `h2_keepalive_timeout_ms`.
+    pub h2_keepalive_interval_ms: u64,
+    /// How long an h2 keep-alive ping may go unanswered.
+    pub h2_keepalive_timeout_ms: u64,
+    /// A connection (h2 or keep-alive HTTP/1.1) with no request in flight for this long is closed.
+    pub idle_connection_timeout_ms: u64,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
         Self {
-            bind_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            bind_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             request_body_limit_bytes: 32 * 1024 * 1024,
             graceful_shutdown_seconds: 10,
             max_inflight: 10_000,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             max_header_bytes: 65_536,
+            body_timeout_ms: 60_000,
+            response_write_timeout_ms: 60_000,
+            max_connections: 20_000,
+            h2_keepalive_interval_ms: 20_000,
+            h2_keepalive_timeout_ms: 20_000,
+            idle_connection_timeout_ms: 120_000,
         }
     }
 }
@@ -80,6 +101,31 @@ impl ServerSection {
     /// Longest idle gap between request body chunks.
     pub fn body_read_timeout(&self) -> Duration {
         Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    /// Deadline for a whole request body.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    /// Longest a response chunk may wait for the client to read it.
+    pub fn response_write_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_write_timeout_ms)
+    }
+
+    /// Interval of h2 keep-alive pings.
+    pub fn h2_keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.h2_keepalive_interval_ms)
+    }
+
+    /// How long an h2 keep-alive ping may go unanswered.
+    pub fn h2_keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.h2_keepalive_timeout_ms)
+    }
+
+    /// How long a connection may sit with no request in flight.
+    pub fn idle_connection_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_connection_timeout_ms)
     }
 }
 
@@ -153,7 +199,7 @@ impl UpstreamSection {
 #[serde(default, deny_unknown_fields)]
 pub struct KeysSection {
     /// How the next key is chosen among the eligible ones.
-    pub rotation_strategy: RotationStrategy,
+    pub rotation_strategy: Strategy,
     /// Health lost per upstream failure, in units of 20 points out of 1000 (a success earns
     /// 10); the health score weights `round_robin_health_weighted`.
     pub unhealthy_penalty: u32,
@@ -162,32 +208,8 @@ pub struct KeysSection {
 impl Default for KeysSection {
     fn default() -> Self {
         Self {
-            rotation_strategy: RotationStrategy::default(),
+            rotation_strategy: Strategy::default(),
             unhealthy_penalty: 5,
-        }
-    }
-}
-
-/// How the next key is chosen among the keys that can serve a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RotationStrategy {
-    /// Each key in turn.
-    RoundRobin,
-    /// In turn, weighted by `weight` and recent health.
-    #[default]
-    RoundRobinHealthWeighted,
-    /// The key with the lowest recent latency.
-    LeastLatency,
-}
-
-impl RotationStrategy {
-    /// The name used in config files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RoundRobin => "round_robin",
-            Self::RoundRobinHealthWeighted => "round_robin_health_weighted",
-            Self::LeastLatency => "least_latency",
         }
     }
 }
@@ -278,8 +300,8 @@ impl LogFormat {
     }
 }
 
-/// `[auth]`: tokens clients must present. With none configured the proxy is open, so bind it
-/// to a trusted network only.
+/// `[auth]`: tokens clients must present. With none configured the proxy is open: that is
+/// allowed on a loopback bind, and elsewhere only with `allow_anonymous = true`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSection {
@@ -288,20 +310,15 @@ pub struct AuthSection {
     /// Name of an environment variable holding more tokens, comma-separated, so they need not
     /// be written into the file.
     pub client_keys_env: Option<String>,
+    /// Says that an open proxy on a non-loopback address is intended (a container behind a
+    /// private network); without it such a bind refuses to start.
+    pub allow_anonymous: bool,
 }
 
-/// `[cors]`: which browser origins may call the proxy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `[cors]`: which browser origins may call the proxy. Off (no origin) until configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CorsSection {
-    /// Allowed origins (`https://app.example.com`), or `*` for any.
+    /// Allowed origins (`https://app.example.com`), or `*` for any; none by default.
     pub allowed_origins: Vec<String>,
-}
-
-impl Default for CorsSection {
-    fn default() -> Self {
-        Self {
-            allowed_origins: vec!["*".to_owned()],
-        }
-    }
 }

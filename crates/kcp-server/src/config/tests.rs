@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use figment::Jail;
+use kcp_core::{KeySpec, Strategy};
 
 use super::*;
 use crate::cli::Cli;
@@ -79,7 +80,7 @@ fn toml_problems(jail: &mut Jail, toml: &str) -> figment::Result<Vec<String>> {
     Ok(problems(&Cli::default()))
 }
 
-fn exposed(keys: &[ResolvedKey]) -> Vec<&str> {
+fn exposed(keys: &[KeySpec]) -> Vec<&str> {
     keys.iter().map(|key| key.secret.expose()).collect()
 }
 
@@ -94,7 +95,7 @@ fn defaults_with_only_openai_keys() {
         let loaded = loaded(&Cli::default())?;
         assert_eq!(loaded.config, Config::default());
         let server = &loaded.config.server;
-        assert_eq!(server.bind_addr, addr("0.0.0.0:8080"));
+        assert_eq!(server.bind_addr, addr("127.0.0.1:8080"));
         assert_eq!(server.request_body_limit_bytes, 32 * 1024 * 1024);
         assert_eq!(server.graceful_shutdown_seconds, 10);
         assert_eq!(server.max_inflight, 10_000);
@@ -112,7 +113,7 @@ fn defaults_with_only_openai_keys() {
         assert_eq!(upstream.ca_file, None);
         assert_eq!(
             loaded.config.keys.rotation_strategy,
-            RotationStrategy::RoundRobinHealthWeighted
+            Strategy::RoundRobinHealthWeighted
         );
         assert_eq!(loaded.config.keys.unhealthy_penalty, 5);
         let rate = &loaded.config.rate_limit;
@@ -126,7 +127,7 @@ fn defaults_with_only_openai_keys() {
         assert_eq!(observability.tracing_level, "info");
         assert_eq!(observability.log_format, LogFormat::Text);
         assert_eq!(observability.admin_token, None);
-        assert_eq!(loaded.config.cors.allowed_origins, ["*"]);
+        assert!(loaded.config.cors.allowed_origins.is_empty());
         assert!(loaded.client_keys.is_empty());
 
         assert_eq!(exposed(&loaded.keys), ["sk-only"]);
@@ -200,10 +201,7 @@ fn toml_alone() {
             "untouched field keeps its default"
         );
         assert_eq!(config.upstream.request_timeout().as_secs(), 120);
-        assert_eq!(
-            config.keys.rotation_strategy,
-            RotationStrategy::LeastLatency
-        );
+        assert_eq!(config.keys.rotation_strategy, Strategy::LeastLatency);
         assert_eq!(config.rate_limit.per_key_rps, Some(2.5));
         assert_eq!(config.rate_limit.global_rps, Some(40.0));
         assert_eq!(config.observability.log_format, LogFormat::Json);
@@ -317,7 +315,7 @@ fn environment_alone() {
         let config = &loaded.config;
         assert_eq!(config.server.bind_addr, addr("127.0.0.1:7100"));
         assert_eq!(config.upstream.max_retries, 7);
-        assert_eq!(config.keys.rotation_strategy, RotationStrategy::RoundRobin);
+        assert_eq!(config.keys.rotation_strategy, Strategy::RoundRobin);
         assert_eq!(config.cors.allowed_origins, ["https://a.example"]);
         assert_eq!(
             config
@@ -376,7 +374,7 @@ fn scalar_precedence_defaults_toml_env_cli() {
     jail(|jail| {
         jail.set_env("OPENAI_KEYS", "sk-a");
         let bind = |cli: &Cli| loaded(cli).map(|l| l.config.server.bind_addr);
-        assert_eq!(bind(&Cli::default())?, addr("0.0.0.0:8080"));
+        assert_eq!(bind(&Cli::default())?, addr("127.0.0.1:8080"));
 
         jail.create_file("config.toml", "[server]\nbind_addr = \"127.0.0.1:1001\"\n")?;
         assert_eq!(bind(&Cli::default())?, addr("127.0.0.1:1001"));
@@ -445,8 +443,9 @@ fn duplicates_across_sources_keep_the_first() {
         )?;
         jail.create_file(
             "config.json",
-            r#"{"apiKeys": [{"key": "sk-shared", "url": "https://api.openai.com/v1/", "models": ["others"]}]}"#,
+            r#"{"apiKeys": [{"key": "sk-shared", "url": "https://api.openai.com/", "models": ["others"]}]}"#,
         )?;
+        // `https://api.openai.com/` and the default `.../v1` are one upstream (kcp-core's rule).
         jail.set_env("OPENAI_KEYS", "sk-shared,sk-new,sk-new");
         let loaded = loaded(&Cli::default())?;
         assert_eq!(exposed(&loaded.keys), ["sk-shared", "sk-shared", "sk-new"]);
@@ -1155,7 +1154,7 @@ fn render_effective_redacts_every_secret() {
         );
         let parsed: serde_json::Value =
             serde_json::from_str(&rendered).map_err(|e| e.to_string())?;
-        assert_eq!(parsed["config"]["server"]["bind_addr"], "0.0.0.0:8080");
+        assert_eq!(parsed["config"]["server"]["bind_addr"], "127.0.0.1:8080");
         assert_eq!(parsed["client_keys"], 1);
 
         let debug = format!("{loaded:?}");
@@ -1209,4 +1208,63 @@ fn config_deserializes_strictly_on_its_own() {
     ))
     .extract::<Config>();
     assert!(typo.is_err());
+}
+
+#[test]
+fn open_proxy_off_loopback_needs_client_keys_or_allow_anonymous() {
+    jail(|jail| {
+        // The original key-cycle-proxy's setup: every interface, no client auth.
+        let found = toml_problems(jail, "[server]\nbind_addr = \"0.0.0.0:8080\"\n")?;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_problem(
+            &found,
+            &[
+                "config.toml",
+                "bind_addr 0.0.0.0:8080 is not a loopback address",
+                "[auth] client_keys (or client_keys_env)",
+                "[auth] allow_anonymous = true",
+            ],
+        );
+        let flag = Cli {
+            bind: Some(addr("[::]:8080")),
+            ..Cli::default()
+        };
+        jail.create_file("config.toml", "")?;
+        assert_problem(&problems(&flag), &["--bind", "allow_anonymous"]);
+
+        jail.create_file(
+            "config.toml",
+            "[server]\nbind_addr = \"0.0.0.0:8080\"\n[auth]\nallow_anonymous = true\n",
+        )?;
+        assert_eq!(
+            loaded(&Cli::default())?.config.server.bind_addr,
+            addr("0.0.0.0:8080")
+        );
+        assert_eq!(loaded(&flag)?.config.server.bind_addr, addr("[::]:8080"));
+
+        jail.create_file(
+            "config.toml",
+            "[server]\nbind_addr = \"0.0.0.0:8080\"\n[auth]\nclient_keys = [\"kcp-t\"]\n",
+        )?;
+        assert_eq!(loaded(&Cli::default())?.client_keys.len(), 1);
+
+        for loopback in ["127.0.0.1:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080"] {
+            let cli = Cli {
+                bind: Some(addr(loopback)),
+                ..Cli::default()
+            };
+            jail.create_file("config.toml", "")?;
+            assert_eq!(loaded(&cli)?.config.server.bind_addr, addr(loopback));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn secure_defaults() {
+    let config = Config::default();
+    assert!(config.server.bind_addr.ip().is_loopback());
+    assert!(config.cors.allowed_origins.is_empty());
+    assert!(!config.auth.allow_anonymous);
+    assert_eq!(config.server.body_timeout_ms, 60_000);
 }

@@ -31,6 +31,29 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
     cors(&mut check, &config.cors);
 }
 
+/// An open proxy (no client keys) may listen on loopback only, unless `[auth] allow_anonymous`
+/// says that is intended: anyone who reaches a public address could spend the key pool.
+pub(super) fn open_bind(
+    config: &Config,
+    has_client_keys: bool,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) {
+    let bind = config.server.bind_addr;
+    if has_client_keys || config.auth.allow_anonymous || bind.ip().to_canonical().is_loopback() {
+        return;
+    }
+    problems.push(Problem::new(
+        origins.of("server.bind_addr"),
+        format!(
+            "[server] bind_addr {bind} is not a loopback address and no client keys are set, \
+             so anyone who can reach it could spend the API keys"
+        ),
+        "set [auth] client_keys (or client_keys_env) so clients must present a token, \
+         or set [auth] allow_anonymous = true if an open proxy is intended",
+    ));
+}
+
 fn server(check: &mut Checker<'_, '_>, server: &ServerSection) {
     let default = ServerSection::default();
     let sizes = [
@@ -43,6 +66,11 @@ fn server(check: &mut Checker<'_, '_>, server: &ServerSection) {
             "server.max_inflight",
             server.max_inflight,
             default.max_inflight,
+        ),
+        (
+            "server.max_connections",
+            server.max_connections,
+            default.max_connections,
         ),
     ];
     for (path, value, default) in sizes {
@@ -58,6 +86,31 @@ fn server(check: &mut Checker<'_, '_>, server: &ServerSection) {
             "server.body_read_timeout_ms",
             server.body_read_timeout_ms,
             default.body_read_timeout_ms,
+        ),
+        (
+            "server.body_timeout_ms",
+            server.body_timeout_ms,
+            default.body_timeout_ms,
+        ),
+        (
+            "server.response_write_timeout_ms",
+            server.response_write_timeout_ms,
+            default.response_write_timeout_ms,
+        ),
+        (
+            "server.h2_keepalive_interval_ms",
+            server.h2_keepalive_interval_ms,
+            default.h2_keepalive_interval_ms,
+        ),
+        (
+            "server.h2_keepalive_timeout_ms",
+            server.h2_keepalive_timeout_ms,
+            default.h2_keepalive_timeout_ms,
+        ),
+        (
+            "server.idle_connection_timeout_ms",
+            server.idle_connection_timeout_ms,
+            default.idle_connection_timeout_ms,
         ),
     ];
     for (path, value, default) in timeouts {

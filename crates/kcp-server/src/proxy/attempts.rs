@@ -35,13 +35,13 @@ use super::headers::{self, KeyHeaderError};
 use super::reply;
 use super::report::Report;
 use super::target_url;
-use crate::access_log::log_state_change;
 use crate::app::App;
 use crate::clock;
 use crate::config::Config;
-use crate::metrics::UpstreamOutcome;
+use crate::edge::openai_error::OpenAiError;
 use crate::observe::Unfinished;
-use crate::openai_error::OpenAiError;
+use crate::observe::access_log::log_state_change;
+use crate::observe::metrics::UpstreamOutcome;
 
 /// A client request, ready to be sent with any key.
 #[derive(Debug)]
@@ -86,6 +86,7 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
 /// request is abandoned (its future dropped) first, the report so far is left in `unfinished`.
 pub async fn forward(
     app: &App,
+    pool: Arc<KeyPool>,
     config: &Config,
     request: &Outgoing<'_>,
     report: Report,
@@ -104,7 +105,7 @@ pub async fn forward(
     let driver = Driver {
         app,
         request,
-        pool: app.pool(),
+        pool,
         kept: None,
         retry_reason: None,
         report,
@@ -117,7 +118,7 @@ pub async fn forward(
 struct Driver<'a> {
     app: &'a App,
     request: &'a Outgoing<'a>,
-    /// The pool as it was when the request arrived: key indices stay meaningful.
+    /// The pool of the generation the request arrived in: key indices stay meaningful.
     pool: Arc<KeyPool>,
     /// The answer to deliver if the attempt gives up with [`GiveUp::LastAnswer`].
     kept: Option<Kept>,

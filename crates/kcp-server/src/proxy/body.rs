@@ -12,8 +12,10 @@
 //! last frame goes out, the upstream fails, or the body is dropped early (the client left). The
 //! count is one addition per frame; nothing is allocated.
 //!
-//! A body may also hold its request's `server.max_inflight` slot ([`ProxyBody::holding`]), so
-//! a stream counts as in flight until its last byte is sent or its client leaves.
+//! A body may also hold its request's `server.max_inflight` slot ([`ProxyBody::holding`]) and
+//! its place among its connection's active requests ([`ProxyBody::active_on`]), so a stream
+//! counts as in flight, and its connection as busy, until its last byte is sent or its client
+//! leaves.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -25,9 +27,10 @@ use http_body_util::Full;
 use kcp_core::KeyId;
 use kcp_upstream::{ResponseBody, UpstreamError};
 
-use crate::access_log::BodyEnd;
+use crate::edge::overload::InflightGuard;
 use crate::observe::Exchange;
-use crate::overload::InflightGuard;
+use crate::observe::access_log::BodyEnd;
+use crate::ops::connection::ActiveRequest;
 
 /// A response body: proxy-made bytes or an upstream stream.
 #[derive(Debug)]
@@ -37,6 +40,8 @@ pub struct ProxyBody {
     exchange: Option<Box<Exchange>>,
     /// The request's `max_inflight` slot, freed when the body is dropped.
     admitted: Option<InflightGuard>,
+    /// The request's place among its connection's active requests, for the idle timeout.
+    active: Option<ActiveRequest>,
 }
 
 #[derive(Debug)]
@@ -52,6 +57,7 @@ impl ProxyBody {
             kind: Kind::Upstream { body, key },
             exchange: None,
             admitted: None,
+            active: None,
         }
     }
 
@@ -64,6 +70,12 @@ impl ProxyBody {
     /// This body, holding the request's `max_inflight` slot until it is dropped.
     pub fn holding(mut self, admitted: InflightGuard) -> Self {
         self.admitted = Some(admitted);
+        self
+    }
+
+    /// This body, keeping its connection active (not idle) until it is dropped.
+    pub fn active_on(mut self, active: ActiveRequest) -> Self {
+        self.active = Some(active);
         self
     }
 
@@ -93,6 +105,7 @@ impl From<Full<Bytes>> for ProxyBody {
             kind: Kind::Full(full),
             exchange: None,
             admitted: None,
+            active: None,
         }
     }
 }

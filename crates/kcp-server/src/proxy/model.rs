@@ -14,30 +14,54 @@ use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
-use bytes::Bytes;
+use std::sync::Arc;
+
 use http::HeaderValue;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// A requested model name. It shares the request body's buffer (no copy) unless the JSON
-/// string held escapes.
+use crate::edge::openai_error::OpenAiError;
+
+/// Longest model name accepted, in bytes; real ones are under 100.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// A requested model name: a copy of at most [`MAX_MODEL_BYTES`] bytes, so a request's model
+/// (kept in its report and log line for the length of a stream) never keeps the whole request
+/// body alive.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ModelName(Bytes);
+pub struct ModelName(Arc<str>);
+
+/// The body names a model longer than [`MAX_MODEL_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the model name is {len} bytes long; at most {MAX_MODEL_BYTES} are accepted")]
+pub struct ModelTooLong {
+    /// Its length.
+    pub len: usize,
+}
+
+impl ModelTooLong {
+    /// The 400 for the client.
+    pub fn into_openai(self) -> OpenAiError {
+        OpenAiError::new(
+            http::StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "model_name_too_long",
+            format!("Invalid `model`: {self}."),
+        )
+    }
+}
 
 impl ModelName {
-    /// `name`, which must be a slice of `body`, as a view into it.
-    pub(crate) fn within(body: &Bytes, name: &str) -> Self {
-        ModelName(body.slice_ref(name.as_bytes()))
+    /// A copy of `name`, refused when longer than [`MAX_MODEL_BYTES`].
+    pub fn new(name: &str) -> Result<Self, ModelTooLong> {
+        if name.len() > MAX_MODEL_BYTES {
+            return Err(ModelTooLong { len: name.len() });
+        }
+        Ok(ModelName(Arc::from(name)))
     }
 
     /// The name.
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("a ModelName is only built from a str")
-    }
-}
-
-impl From<String> for ModelName {
-    fn from(name: String) -> Self {
-        ModelName(Bytes::from(name))
+        &self.0
     }
 }
 
@@ -314,15 +338,24 @@ mod tests {
     }
 
     #[test]
-    fn model_names_share_the_body() {
-        let body = Bytes::from_static(br#"{"model":"gpt-4o"}"#);
-        let Some(Cow::Borrowed(name)) = inspect(None, &body).model else {
-            panic!("a borrowed model");
-        };
-        let model = ModelName::within(&body, name);
-        assert_eq!(model.as_str(), "gpt-4o");
-        assert_eq!(ModelName::from("x".repeat(100)).as_str().len(), 100);
-        assert!(format!("{:?}", ModelName::from("y".repeat(100))).len() < 80);
+    fn model_names_are_short_copies() {
+        let name = "x".repeat(MAX_MODEL_BYTES);
+        assert_eq!(ModelName::new(&name).expect("at the limit").as_str(), name);
+        let long = "y".repeat(MAX_MODEL_BYTES + 1);
+        assert_eq!(
+            ModelName::new(&long),
+            Err(ModelTooLong {
+                len: MAX_MODEL_BYTES + 1
+            })
+        );
+        let error = ModelTooLong { len: 100_000 }.into_openai();
+        assert_eq!(error.status, http::StatusCode::BAD_REQUEST);
+        assert_eq!(error.kind, "invalid_request_error");
+        let shown = format!(
+            "{:?}",
+            ModelName::new(&"z".repeat(200)).expect("short enough")
+        );
+        assert!(shown.len() < 80, "{shown}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::clock;
-use crate::openai_error::OpenAiError;
+use crate::edge::openai_error::OpenAiError;
 use crate::proxy::ProxyBody;
 use history::{HistoryView, RateHistory};
 
@@ -58,7 +58,8 @@ pub fn handle(
     if !matches!(*method, Method::GET | Method::HEAD) {
         return method_not_allowed(method, path).into_response();
     }
-    let policies = app.policies.load();
+    let generation = app.generation();
+    let policies = &generation.policies;
     let admin = policies.admin.is_enabled();
     if admin && !policies.admin.authorized(headers) {
         return unauthorized();

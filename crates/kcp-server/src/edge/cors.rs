@@ -16,13 +16,13 @@ use bytes::Bytes;
 use http::header::{
     ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
     ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
-    ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN, VARY,
+    ACCESS_CONTROL_REQUEST_HEADERS, ORIGIN, VARY,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::config::CorsSection;
-use crate::openai_error::OpenAiError;
+use crate::edge::openai_error::OpenAiError;
 
 /// Methods the OpenAI API uses.
 const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
@@ -81,16 +81,14 @@ impl Cors {
         }
     }
 
-    /// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
-    /// `Access-Control-Request-Method`.
-    pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
-        method == Method::OPTIONS
-            && headers.contains_key(ORIGIN)
-            && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+    /// Whether every origin is allowed (`"*"`).
+    pub fn allows_any_origin(&self) -> bool {
+        self.any_origin
     }
 
-    /// The answer to a preflight: 204 with the allowed methods and headers, or 403 in
-    /// OpenAI's error shape for an origin that is not allowed.
+    /// The answer to an `OPTIONS` request (the service sends every one here): 204 with the
+    /// allowed methods and headers, or 403 in OpenAI's error shape for an origin that is not
+    /// allowed (or none).
     pub fn preflight<B: From<Full<Bytes>>>(&self, headers: &HeaderMap) -> Response<B> {
         let Some(allow_origin) = self.allow_origin(headers.get(ORIGIN)) else {
             return origin_not_allowed().into_response();
@@ -229,21 +227,6 @@ mod tests {
 
     fn header(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
         headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    #[test]
-    fn recognises_preflights() {
-        let pre = preflight_from(APP, "authorization");
-        assert!(Cors::is_preflight(&Method::OPTIONS, &pre));
-        assert!(!Cors::is_preflight(&Method::POST, &pre));
-        assert!(!Cors::is_preflight(
-            &Method::OPTIONS,
-            &request(&[("origin", APP)])
-        ));
-        assert!(!Cors::is_preflight(
-            &Method::OPTIONS,
-            &request(&[("access-control-request-method", "POST")])
-        ));
     }
 
     #[test]

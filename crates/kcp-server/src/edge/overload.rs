@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::openai_error::OpenAiError;
+use crate::edge::openai_error::OpenAiError;
 
 /// Seconds a refused client is asked to wait.
 pub const RETRY_AFTER_SECS: u64 = 1;

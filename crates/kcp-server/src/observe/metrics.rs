@@ -158,6 +158,9 @@ struct Inner {
     key_cooldown: prometheus::GaugeVec,
     key_remaining_requests: IntGaugeVec,
     key_remaining_tokens: IntGaugeVec,
+    connections: IntGauge,
+    connections_refused: prometheus::IntCounter,
+    connection_errors: IntCounterVec,
     /// Models that get their own `model` label; replaced whole on reload.
     models: ArcSwap<HashSet<Box<str>>>,
     /// Keys whose gauges are exported, so a refresh can remove the ones that left the pool.
@@ -249,6 +252,19 @@ impl Metrics {
                 ),
                 &["key"],
             )?,
+            connections: IntGauge::new("kcp_client_connections", "Client connections open now.")?,
+            connections_refused: prometheus::IntCounter::new(
+                "kcp_client_connections_refused_total",
+                "Client connections closed at accept because server.max_connections were open.",
+            )?,
+            connection_errors: IntCounterVec::new(
+                Opts::new(
+                    "kcp_client_connection_errors_total",
+                    "Client connections ended by an error, by kind: head_too_large, malformed, \
+                     header_timeout, write_stalled, idle, io.",
+                ),
+                &["kind"],
+            )?,
             models: ArcSwap::from_pointee(HashSet::new()),
             exported_keys: Mutex::new(HashSet::new()),
         };
@@ -327,6 +343,24 @@ impl Metrics {
         InflightGauge::new(self.inner.inflight.clone())
     }
 
+    /// Counts a client connection as open until the returned guard drops.
+    pub fn connection(&self) -> InflightGauge {
+        InflightGauge::new(self.inner.connections.clone())
+    }
+
+    /// Counts a connection closed at accept because `server.max_connections` were open.
+    pub fn connection_refused(&self) {
+        self.inner.connections_refused.inc();
+    }
+
+    /// Counts a client connection that ended with an error of `kind`.
+    pub fn connection_error(&self, kind: &'static str) {
+        self.inner
+            .connection_errors
+            .with_label_values(&[kind])
+            .inc();
+    }
+
     /// Records how long a request waited for a key.
     pub fn queue_wait(&self, waited: Duration) {
         self.inner.queue_wait.observe(waited.as_secs_f64());
@@ -371,6 +405,9 @@ impl Inner {
         registry.register(Box::new(self.key_cooldown.clone()))?;
         registry.register(Box::new(self.key_remaining_requests.clone()))?;
         registry.register(Box::new(self.key_remaining_tokens.clone()))?;
+        registry.register(Box::new(self.connections.clone()))?;
+        registry.register(Box::new(self.connections_refused.clone()))?;
+        registry.register(Box::new(self.connection_errors.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

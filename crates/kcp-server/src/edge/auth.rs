@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderValue, header};
 use kcp_core::Secret;
 use subtle::{Choice, ConstantTimeEq};
 
-use crate::openai_error::OpenAiError;
+use crate::edge::openai_error::OpenAiError;
 
 /// The header Azure OpenAI SDKs put the API key in.
 pub const API_KEY_HEADER: &str = "api-key";

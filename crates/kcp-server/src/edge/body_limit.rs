@@ -6,10 +6,14 @@
 //! slots forever. So a body is refused up front when its `Content-Length` exceeds
 //! `server.request_body_limit_bytes` (nothing is read), a chunked body is counted as it
 //! arrives and refused the moment it passes the limit, and each wait for the next chunk is
-//! bounded by `server.body_read_timeout_ms`: an idle timeout, not a total one, so a large
-//! upload on a slow but live link still completes.
+//! bounded by `server.body_read_timeout_ms`. That idle timeout alone would let a client
+//! trickle one byte just inside it forever, so the whole body also has a deadline,
+//! `server.body_timeout_ms`.
 //!
 //! Most bodies arrive in one frame; that frame's `Bytes` is returned as is, without a copy.
+//! A declared `Content-Length` sizes the buffer of a multi-frame body only up to
+//! [`PREALLOCATE_MAX`]: a client that declares 32 MiB and sends a few bytes gets no 32 MiB
+//! allocation; beyond the bound the buffer grows with what actually arrives.
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -19,7 +23,8 @@ use http::{HeaderMap, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 
-use crate::openai_error::OpenAiError;
+use crate::config::ServerSection;
+use crate::edge::openai_error::OpenAiError;
 
 /// Why a request body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +35,7 @@ pub enum BodyError {
         /// `server.request_body_limit_bytes`.
         limit: u64,
     },
-    /// No chunk arrived within the idle timeout.
+    /// No chunk arrived within the idle timeout, or the whole body not within its deadline.
     #[error("the request body arrived too slowly")]
     Timeout,
     /// The client's stream failed before the body ended.
@@ -49,10 +54,58 @@ impl BodyError {
     }
 }
 
-/// Reads the whole body, refusing it when it is larger than `limit` bytes and giving up
-/// when no chunk arrives for `idle`. `content_length` (from [`content_length`]) lets an
-/// oversized body be refused before any of it is read and sizes the buffer.
+/// Most bytes a declared `Content-Length` may make the reader allocate up front.
+pub const PREALLOCATE_MAX: u64 = 64 * 1024;
+
+/// The bounds of one body read, from `[server]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// `server.request_body_limit_bytes`.
+    pub limit: u64,
+    /// `server.body_read_timeout_ms`: longest gap between two chunks.
+    pub idle: Duration,
+    /// `server.body_timeout_ms`: the whole body's deadline.
+    pub deadline: Duration,
+}
+
+impl BodyLimits {
+    /// The bounds of `server`.
+    pub fn of(server: &ServerSection) -> Self {
+        BodyLimits {
+            limit: u64::try_from(server.request_body_limit_bytes).unwrap_or(u64::MAX),
+            idle: server.body_read_timeout(),
+            deadline: server.body_timeout(),
+        }
+    }
+}
+
+/// Reads the whole body within `limits`: refused when larger than `limits.limit` bytes, given
+/// up on when no chunk arrives for `limits.idle` or the whole body takes longer than
+/// `limits.deadline`. `content_length` (from [`content_length`]) lets an oversized body be
+/// refused before any of it is read.
 pub async fn read_body<B>(
+    body: B,
+    content_length: Option<u64>,
+    limits: &BodyLimits,
+) -> Result<Bytes, BodyError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Display,
+{
+    let limit = limits.limit;
+    if content_length.is_some_and(|declared| declared > limit) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    tokio::time::timeout(
+        limits.deadline,
+        read_frames(body, content_length, limit, limits.idle),
+    )
+    .await
+    .unwrap_or(Err(BodyError::Timeout))
+}
+
+/// The frames of `body`, joined; see [`read_body`].
+async fn read_frames<B>(
     mut body: B,
     content_length: Option<u64>,
     limit: u64,
@@ -62,9 +115,6 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Display,
 {
-    if content_length.is_some_and(|declared| declared > limit) {
-        return Err(BodyError::TooLarge { limit });
-    }
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut total: u64 = 0;
@@ -106,10 +156,14 @@ where
     })
 }
 
-/// Buffer size for a multi-frame body: the declared length capped by the limit, and at least
-/// what has arrived so far.
+/// Buffer size for a multi-frame body: the declared length capped by the limit and by
+/// [`PREALLOCATE_MAX`], and at least what has arrived so far.
 fn capacity(content_length: Option<u64>, limit: u64, so_far: u64) -> usize {
-    let expected = content_length.unwrap_or(0).min(limit).max(so_far);
+    let expected = content_length
+        .unwrap_or(0)
+        .min(limit)
+        .min(PREALLOCATE_MAX)
+        .max(so_far);
     usize::try_from(expected).unwrap_or(usize::MAX)
 }
 
@@ -158,6 +212,14 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(30);
 
+    fn limits(limit: u64, idle: Duration) -> BodyLimits {
+        BodyLimits {
+            limit,
+            idle,
+            deadline: Duration::from_secs(60),
+        }
+    }
+
     /// A body that yields the given chunks and then, depending on `then`, ends, fails,
     /// hangs or panics.
     struct Script {
@@ -205,28 +267,28 @@ mod tests {
     #[tokio::test]
     async fn declared_length_over_the_limit_is_refused_without_reading() {
         let body = Script::new(&[], Then::Panic);
-        let result = read_body(body, Some(11), 10, IDLE).await;
+        let result = read_body(body, Some(11), &limits(10, IDLE)).await;
         assert_eq!(result, Err(BodyError::TooLarge { limit: 10 }));
     }
 
     #[tokio::test]
     async fn chunked_body_is_refused_as_soon_as_it_passes_the_limit() {
         let body = Script::new(&[b"123456", b"789012"], Then::Panic);
-        let result = read_body(body, None, 10, IDLE).await;
+        let result = read_body(body, None, &limits(10, IDLE)).await;
         assert_eq!(result, Err(BodyError::TooLarge { limit: 10 }));
     }
 
     #[tokio::test]
     async fn a_body_exactly_at_the_limit_is_read() {
         let body = Script::new(&[b"12345", b"67890"], Then::End);
-        let result = read_body(body, Some(10), 10, IDLE).await;
+        let result = read_body(body, Some(10), &limits(10, IDLE)).await;
         assert_eq!(result.as_deref(), Ok(&b"1234567890"[..]));
     }
 
     #[tokio::test]
     async fn chunks_are_joined_in_order() {
         let body = Script::new(&[b"{\"model\":", b"", b"\"gpt-4o\"", b"}"], Then::End);
-        let result = read_body(body, None, 1024, IDLE).await;
+        let result = read_body(body, None, &limits(1024, IDLE)).await;
         assert_eq!(result.as_deref(), Ok(&b"{\"model\":\"gpt-4o\"}"[..]));
     }
 
@@ -234,7 +296,7 @@ mod tests {
     async fn a_single_frame_is_returned_without_copying() {
         let data = Bytes::from(vec![7u8; 4096]);
         let body = Full::new(data.clone());
-        let read = read_body(body, Some(4096), 1 << 20, IDLE)
+        let read = read_body(body, Some(4096), &limits(1 << 20, IDLE))
             .await
             .expect("read");
         assert_eq!(read.as_ptr(), data.as_ptr());
@@ -244,24 +306,79 @@ mod tests {
     #[tokio::test]
     async fn an_empty_body_is_empty() {
         let body = Full::new(Bytes::new());
-        assert_eq!(read_body(body, None, 10, IDLE).await, Ok(Bytes::new()));
+        assert_eq!(
+            read_body(body, None, &limits(10, IDLE)).await,
+            Ok(Bytes::new())
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_client_times_out() {
         let body = Script::new(&[b"partial"], Then::Hang);
         let started = tokio::time::Instant::now();
-        let result = read_body(body, Some(100), 1024, Duration::from_millis(500)).await;
+        let result = read_body(body, Some(100), &limits(1024, Duration::from_millis(500))).await;
         assert_eq!(result, Err(BodyError::Timeout));
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(500) && waited < Duration::from_millis(600));
+    }
+
+    /// A body that sends one byte every `gap`, forever.
+    struct Trickle {
+        gap: Duration,
+        next: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = &'static str;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.next.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let at = tokio::time::Instant::now() + self.gap;
+            self.next.as_mut().reset(at);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_client_meets_the_whole_body_deadline() {
+        let gap = Duration::from_millis(400);
+        let body = Trickle {
+            gap,
+            next: Box::pin(tokio::time::sleep(gap)),
+        };
+        let limits = BodyLimits {
+            limit: 1 << 20,
+            idle: Duration::from_millis(500),
+            deadline: Duration::from_secs(3),
+        };
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            read_body(body, None, &limits).await,
+            Err(BodyError::Timeout)
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_declared_length_preallocates_a_bounded_buffer() {
+        let limit = 32 << 20;
+        assert_eq!(capacity(Some(limit), limit, 10), PREALLOCATE_MAX as usize);
+        assert_eq!(capacity(Some(100), limit, 10), 100);
+        assert_eq!(capacity(Some(100), limit, 5_000), 5_000);
+        assert_eq!(capacity(None, limit, 70_000), 70_000);
     }
 
     #[tokio::test]
     async fn a_failing_stream_is_aborted() {
         let body = Script::new(&[b"par"], Then::Fail);
         assert_eq!(
-            read_body(body, None, 1024, IDLE).await,
+            read_body(body, None, &limits(1024, IDLE)).await,
             Err(BodyError::Aborted)
         );
     }

@@ -3,24 +3,25 @@
 //! SIGHUP and `POST /admin/reload` both call [`App::reload`]. It re-runs [`config::load`] with
 //! the command line the server started with, builds the new key pool with
 //! `KeyPool::rebuild` (a key still present keeps its live state: cooldown, disabled, health,
-//! learned limits, counters) and only then stores the pool, the configuration and the
-//! [`Policies`] derived from it. Each store is an atomic swap (house rule 7): a request in
-//! flight keeps the snapshot and the lease it has, the next one sees the new configuration.
+//! learned limits, counters) and only then stores the configuration, the pool and the
+//! [`Policies`] derived from it as one [`Generation`], in one atomic swap (house rule 7): a
+//! request in flight keeps the generation and the lease it has, the next one sees the new one.
 //! Nothing is stored unless everything checks out, so an invalid file leaves the running
 //! configuration in effect. Settings bound at start (listen addresses, the upstream client's
 //! timeouts and CA, logging) keep their value until restart, with a warning naming them.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError};
 
 use kcp_core::{Changes, KeyPool};
 
 use crate::admin::{Admin, AdminOps};
-use crate::app::{self, App};
-use crate::auth::{self, ClientAuth};
+use crate::app::{self, App, Generation};
 use crate::cli::Cli;
 use crate::config::{self, Config, ConfigError, LoadedConfig};
-use crate::cors::Cors;
-use crate::serve::StartError;
+use crate::edge::auth::{self, ClientAuth};
+use crate::edge::cors::Cors;
+use crate::ops::serve::StartError;
 
 /// What the service derives from the configuration once per load rather than per request.
 #[derive(Debug)]
@@ -42,6 +43,21 @@ impl Policies {
             admin: Admin::new(loaded.config.observability.admin_token.clone()),
         }
     }
+
+    /// Logs a warning for each way these policies, served on `bind`, let strangers spend the
+    /// keys: an open proxy off loopback (allowed by `allow_anonymous`), and any web page
+    /// calling an open proxy through a visitor's browser (`"*"` origins without client keys).
+    pub fn warn_if_exposed(&self, bind: SocketAddr) {
+        if let Some(warning) = auth::warn_if_open(bind, &self.auth) {
+            tracing::warn!("{warning}");
+        }
+        if self.cors.allows_any_origin() && !self.auth.is_enabled() {
+            tracing::warn!(
+                "[cors] allowed_origins is \"*\" and no client keys are set: \
+                 any web page can spend the API keys through its visitors' browsers"
+            );
+        }
+    }
 }
 
 /// A reload that was refused; the running configuration stays in effect.
@@ -56,7 +72,7 @@ pub enum ReloadError {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] ConfigError),
     /// The new keys cannot form a pool.
-    #[error("{}", crate::serve::error_chain(.0))]
+    #[error("{}", crate::ops::serve::error_chain(.0))]
     Pool(#[from] StartError),
 }
 
@@ -74,21 +90,19 @@ impl App {
         let cli = source.as_ref().ok_or(ReloadError::NoSource)?;
         let loaded = config::load(cli)?;
         app::check_key_headers(&loaded.keys)?;
-        let pool = self.pool.load().rebuild(
-            app::key_specs(&loaded.keys),
-            app::pool_config(&loaded.config),
-        );
+        let old = self.generation();
+        let pool = old
+            .pool
+            .rebuild(loaded.keys.clone(), app::pool_config(&loaded.config));
         let pool = Arc::new(pool.map_err(StartError::from)?);
-        warn_restart_only(&self.config.load().config, &loaded.config);
+        warn_restart_only(&old.config.config, &loaded.config);
         self.inflight.set_max(loaded.config.server.max_inflight);
-        let policies = Policies::new(&loaded);
-        if let Some(warning) = auth::warn_if_open(loaded.config.server.bind_addr, &policies.auth) {
-            tracing::warn!("{warning}");
-        }
-        self.policies.store(Arc::new(policies));
-        self.pool.store(Arc::clone(&pool));
-        self.queue.set_max(loaded.config.rate_limit.max_queue);
-        self.config.store(Arc::new(loaded));
+        let generation = Generation::new(loaded, Arc::clone(&pool));
+        let bind = generation.config.config.server.bind_addr;
+        generation.policies.warn_if_exposed(bind);
+        self.queue
+            .set_max(generation.config.config.rate_limit.max_queue);
+        self.generation.store(Arc::new(generation));
         self.on_pool_swapped(&pool);
         self.reloads.send_modify(|count| *count += 1);
         Ok(pool.len())
@@ -99,7 +113,7 @@ impl App {
         let result = self.reload();
         match &result {
             Ok(keys) => {
-                let sources = &self.config.load().sources;
+                let sources = &self.generation.load().config.sources;
                 tracing::info!(trigger, keys, %sources, "configuration reloaded");
             }
             Err(error) => tracing::error!(
@@ -129,7 +143,7 @@ impl AdminOps for App {
 
     fn key_changed(&self, key: &str, changes: Changes) {
         for change in changes.iter() {
-            crate::access_log::log_state_change(key, &change, crate::clock::now());
+            crate::observe::access_log::log_state_change(key, &change, crate::clock::now());
         }
     }
 }
@@ -168,6 +182,57 @@ fn warn_restart_only(old: &Config, new: &Config) {
     for (setting, changed) in ignored {
         if changed {
             tracing::warn!(setting, "changed setting ignored until restart");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, LogFormat};
+    use crate::observe::logging::capture::Captured;
+
+    fn policies(origins: &[&str], client_keys: &[&str]) -> Policies {
+        let mut config = Config::default();
+        config.cors.allowed_origins = origins.iter().map(|o| (*o).to_owned()).collect();
+        Policies::new(&LoadedConfig {
+            config,
+            keys: Vec::new(),
+            client_keys: client_keys
+                .iter()
+                .map(|k| kcp_core::Secret::new(*k))
+                .collect(),
+            sources: config::KeySources::default(),
+        })
+    }
+
+    fn warnings(policies: &Policies, bind: &str) -> String {
+        let bind: SocketAddr = bind.parse().expect("address");
+        let ((), logs) = Captured::run("warn", LogFormat::Text, || {
+            policies.warn_if_exposed(bind);
+        });
+        logs.text()
+    }
+
+    #[test]
+    fn any_origin_with_anonymous_access_warns_that_any_page_can_spend_the_keys() {
+        let logs = warnings(&policies(&["*"], &[]), "127.0.0.1:8080");
+        assert!(
+            logs.contains("any web page can spend the API keys"),
+            "{logs}"
+        );
+        assert_eq!(logs.lines().count(), 1, "{logs}");
+
+        let open = warnings(&policies(&[], &[]), "0.0.0.0:8080");
+        assert!(open.contains("can spend the key pool"), "{open}");
+        assert!(!open.contains("web page"), "{open}");
+
+        for quiet in [
+            policies(&["*"], &["kcp-token"]),
+            policies(&["https://app.example.com"], &[]),
+            policies(&[], &[]),
+        ] {
+            assert_eq!(warnings(&quiet, "127.0.0.1:8080"), "");
         }
     }
 }

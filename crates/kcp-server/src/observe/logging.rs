@@ -6,7 +6,7 @@
 //!
 //! In `json` format every line is one JSON object: the event's fields flattened to the top level
 //! next to `timestamp`, `level`, `target` and `message`, plus `span` with the fields of the
-//! current span, which inside a request is `request{id=...}` ([`crate::request_id`]). Nothing
+//! current span, which inside a request is `request{id=...}` ([`crate::edge::request_id`]). Nothing
 //! else is written to stdout or stderr, so log shippers can parse every line.
 //!
 //! [`init`] installs the subscriber process-wide, once. [`subscriber`] builds the same thing over
@@ -220,7 +220,7 @@ pub(crate) mod capture {
 mod tests {
     use super::capture::Captured;
     use super::*;
-    use crate::request_id::RequestId;
+    use crate::edge::request_id::RequestId;
 
     #[test]
     fn rust_log_overrides_the_configured_level() {

@@ -12,7 +12,12 @@
 //! `server.header_read_timeout_ms` of being accepted is closed (hyper's own header timer only
 //! starts once the HTTP version is known, so a client that sends nothing would otherwise stay
 //! forever), hyper's timer bounds every later request head, and a head larger than
-//! `server.max_header_bytes` gets 431. Changed limits apply to connections accepted after a
+//! `server.max_header_bytes` gets 431 (in OpenAI's shape up to twice that size, past which
+//! hyper answers it alone). Past `server.max_connections` a new connection is closed at once;
+//! a client that stops reading is dropped after `server.response_write_timeout_ms`; a
+//! connection with no request in flight is closed after `server.idle_connection_timeout_ms`;
+//! h2 connections are pinged every `server.h2_keepalive_interval_ms` ([`super::connection`]).
+//! Connection errors are counted by kind. Changed limits apply to connections accepted after a
 //! reload.
 //!
 //! A second listener on `observability.metrics_bind` serves `/metrics` and the admin API
@@ -23,7 +28,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -33,6 +37,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use super::connection::{self, Activity, ConnectionSlots, StallGuard};
 use crate::app::App;
 use crate::config::{LoadedConfig, ServerSection};
 use crate::ops_listener;
@@ -106,11 +111,12 @@ impl Server {
     /// example one that can reload: [`App::reloadable`]).
     pub async fn bind_app(app: App) -> Result<Server, StartError> {
         let (addr, ops_addr) = {
-            let config = &app.config().config;
+            let config = &app.generation().config.config;
             (config.server.bind_addr, config.observability.metrics_bind)
         };
         let (listener, local_addr) = listen(addr).await?;
         let (ops, ops_addr) = listen(ops_addr).await?;
+        app.generation().policies.warn_if_exposed(local_addr);
         Ok(Server {
             listener,
             local_addr,
@@ -145,7 +151,8 @@ impl Server {
         let Server {
             listener, ops, app, ..
         } = self;
-        let mut limits = Limits::new(&app.config().config.server);
+        let mut limits = Limits::new(&app.generation().config.config.server);
+        let slots = ConnectionSlots::default();
         let probes = tokio::spawn(probe::run(Arc::clone(&app)));
         let ops = tokio::spawn(ops_listener::run(ops, Arc::clone(&app)));
         let graceful = GracefulShutdown::new();
@@ -162,10 +169,19 @@ impl Server {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => {
+                        limits.refresh(&app.generation.load().config.config.server);
+                        let Some(slot) = slots.try_open(limits.server.max_connections) else {
+                            app.metrics.connection_refused();
+                            drop(tcp);
+                            continue;
+                        };
                         let _ = tcp.set_nodelay(true);
-                        limits.refresh(&app.config.load().config.server);
                         let app = Arc::clone(&app);
-                        connections.spawn(serve_connection(tcp, app, &limits, graceful.watcher()));
+                        let connection = serve_connection(tcp, app, &limits, graceful.watcher());
+                        connections.spawn(async move {
+                            let _slot = slot;
+                            connection.await
+                        });
                     }
                     Err(error) => {
                         tracing::warn!(%error, "accepting a connection failed");
@@ -176,7 +192,7 @@ impl Server {
         }
         drop(listener);
         app.begin_drain();
-        let grace = app.config().config.server.graceful_shutdown();
+        let grace = app.generation().config.config.server.graceful_shutdown();
         tracing::info!(
             connections = connections.len(),
             grace_secs = grace.as_secs(),
@@ -227,40 +243,48 @@ impl Limits {
 type ConnectionResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// Serves one client connection until it ends or the drain closes it. A connection that has
-/// not started a request within `server.header_read_timeout_ms` is closed.
+/// not started a request within `server.header_read_timeout_ms` is closed, and so is one with
+/// no request in flight for `server.idle_connection_timeout_ms`.
 fn serve_connection(
     tcp: TcpStream,
     app: Arc<App>,
     limits: &Limits,
     watcher: Watcher,
 ) -> impl Future<Output = ConnectionResult> + Send + 'static {
-    let started = Arc::new(AtomicBool::new(false));
+    let activity = Activity::default();
+    let metrics = app.metrics.clone();
     let service = {
-        let started = Arc::clone(&started);
+        let activity = activity.clone();
         service_fn(move |request| {
-            started.store(true, Ordering::Relaxed);
+            let active = activity.begin();
             let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(service::handle(app, request).await) }
+            async move {
+                let response = service::handle(app, request).await;
+                Ok::<_, Infallible>(response.map(|body| body.active_on(active)))
+            }
         })
     };
+    let io = StallGuard::new(tcp, limits.server.response_write_timeout());
     let connection = limits
         .builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .into_owned();
     let head_timeout = limits.server.header_read_timeout();
+    let idle = limits.server.idle_connection_timeout();
     async move {
+        let _open = metrics.connection();
         let connection = watcher.watch(connection);
         tokio::pin!(connection);
-        tokio::select! {
-            served = &mut connection => return served,
-            () = tokio::time::sleep(head_timeout) => {}
+        let served = tokio::select! {
+            served = &mut connection => served,
+            () = activity.expired(head_timeout, idle) => return Ok(()),
+        };
+        if let Err(error) = &served {
+            if let Some(kind) = connection::error_kind(error.as_ref()) {
+                metrics.connection_error(kind);
+            }
         }
-        if started.load(Ordering::Relaxed) {
-            connection.await
-        } else {
-            tracing::debug!("closing a connection that sent no request in time");
-            Ok(())
-        }
+        served
     }
 }
 
@@ -286,15 +310,20 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// The HTTP/1.1 + h2 connection builder with the listener's limits.
 fn http_builder(server: &ServerSection) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Heads up to twice the limit reach the service, which answers 431 in OpenAI's shape
+    // ([`crate::edge::head`]); hyper refuses larger ones with its own bare 431.
+    let hard_limit = server.max_header_bytes.saturating_mul(2);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout())
-        .max_buf_size(server.max_header_bytes.max(MIN_BUF_SIZE));
+        .max_buf_size(hard_limit.max(MIN_BUF_SIZE));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+        .keep_alive_interval(Some(server.h2_keepalive_interval()))
+        .keep_alive_timeout(server.h2_keepalive_timeout())
+        .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX));
     builder
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use httpdate::HttpDate;
 use kcp_core::{StateChange, Time};
 
-use crate::request_id::RequestId;
+use crate::edge::request_id::RequestId;
 
 /// Target of access lines.
 pub const TARGET: &str = "kcp::access";
@@ -189,7 +189,7 @@ mod tests {
 
     use super::*;
     use crate::config::LogFormat;
-    use crate::logging::capture::Captured;
+    use crate::observe::logging::capture::Captured;
 
     fn record<'a>(id: &'a RequestId, method: &'a http::Method, path: &'a str) -> AccessRecord<'a> {
         AccessRecord {

@@ -3,9 +3,13 @@
 //!
 //! The request-path series are updated as requests run; the key-state gauges are copied from
 //! `KeyPool::snapshot(now)` here, right before each scrape, so they are exact at scrape time and
-//! cost nothing between scrapes ([`crate::metrics`]). The listener on
+//! cost nothing between scrapes ([`metrics`]). The listener on
 //! `observability.metrics_bind` calls [`render_metrics`] and sends its answer as is, with
-//! `Content-Type` [`crate::metrics::CONTENT_TYPE`] on success.
+//! `Content-Type` [`metrics::CONTENT_TYPE`] on success.
+
+pub mod access_log;
+pub mod logging;
+pub mod metrics;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -14,12 +18,13 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use kcp_core::KeyId;
 use tracing::Span;
 
-use crate::access_log::{AccessRecord, BodyEnd};
+use self::access_log::{AccessRecord, BodyEnd};
+use self::metrics::{InflightGauge, Metrics};
 use crate::app::App;
 use crate::clock;
-use crate::metrics::{self, InflightGauge, Metrics};
+use crate::edge::request_id::{self, RequestId};
+use crate::pipeline::RequestCtx;
 use crate::proxy::{ModelName, ProxyBody, Report};
-use crate::request_id::{self, RequestId};
 
 /// Refreshes the key gauges from the pool in service and renders every metric of the app's
 /// registry in Prometheus' text format: 200 with the exposition, or 500 with a plain-text reason
@@ -75,9 +80,11 @@ pub struct Exchange {
     body: BodyEnd,
 }
 
-/// Where the attempt loop leaves its [`Report`] when its request is abandoned before the
+/// Where a request's [`Report`] ends up: the pipeline keeps it here once the attempt loop
+/// answers, and the attempt loop leaves it here when the request is abandoned before the
 /// answer, so the access line and metrics of a client that gave up still name the model, the
-/// key and the attempts. [`Exchange::begin`] puts one in the request's extensions.
+/// key and the attempts. It lives in the request's [`RequestCtx`](crate::pipeline::RequestCtx),
+/// which shares it with the [`Exchange`].
 #[derive(Clone, Debug, Default)]
 pub struct Unfinished(Arc<Mutex<Option<Report>>>);
 
@@ -96,13 +103,12 @@ impl Unfinished {
 const CLIENT_CLOSED: u16 = 499;
 
 impl Exchange {
-    /// Starts observing `request`, leaving an [`Unfinished`] in its extensions; `quiet` for
-    /// health probes (no access line, no metrics).
-    pub fn begin<B>(app: &App, request: &mut Request<B>, quiet: bool) -> Exchange {
-        let id = RequestId::from_headers(request.headers());
+    /// Starts observing `request` of `ctx`; `quiet` for health probes (no access line, no
+    /// metrics).
+    pub fn begin<B>(app: &App, ctx: &RequestCtx, request: &Request<B>, quiet: bool) -> Exchange {
+        let id = ctx.id.clone();
         let span = id.span();
-        let unfinished = Unfinished::default();
-        request.extensions_mut().insert(unfinished.clone());
+        let unfinished = ctx.report.clone();
         Exchange {
             _inflight: app.metrics.inflight(),
             metrics: app.metrics.clone(),
@@ -126,10 +132,9 @@ impl Exchange {
     }
 
     /// The response with `x-kcp-request-id`, its body carrying this exchange to its end. Takes
-    /// the attempt loop's [`Report`] out of the response's extensions, if the service put one
-    /// there.
+    /// the request's [`Report`], if the pipeline made one.
     pub fn respond(mut self, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
-        self.report = response.extensions_mut().remove::<Report>();
+        self.report = self.unfinished.take();
         let elsewhere = self
             .report
             .as_ref()
