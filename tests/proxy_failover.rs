@@ -3,16 +3,25 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::StatusCode;
 use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
 use key_cycle_proxy::server::clock;
 use key_cycle_proxy::server::proxy::probe;
 use support::proxy_harness::{
-    Proxy, Reply, closed_port_url, loaded_config, resolved_key, start_loaded, start_proxy,
+    Proxy, Reply, client, closed_port_url, loaded_config, read, resolved_key, send_with,
+    start_loaded, start_proxy,
 };
+use support::time::{advance, finish, freeze, settled, still_running};
 use support::{Behaviour, MockUpstream};
+
+/// Steps of paused time for requests that only back off between tries.
+const STEP: Duration = Duration::from_millis(10);
+/// The test config's `retry_max_backoff_ms`.
+const BACKOFF_CAP: Duration = Duration::from_millis(50);
+/// Paused time a request may take before a test gives up on it.
+const WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 const KEY_A: &str = "sk-test-alpha-000000000001";
 const KEY_B: &str = "sk-test-bravo-000000000002";
@@ -178,26 +187,30 @@ async fn request_errors_are_passed_through_after_exactly_one_call() {
     assert_eq!(mock.calls().len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn refused_connections_end_in_502() {
+    let _frozen = freeze();
     let url = closed_port_url().await;
     let proxy = start_proxy(vec![(KEY_A, url, vec!["others"])], |config| {
         config.upstream.max_retries = 1;
     })
     .await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), STEP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_code(), "upstream_unavailable");
     assert!(
         !reply.text().contains("127.0.0.1"),
         "no upstream address for the client"
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        advanced <= BACKOFF_CAP,
+        "one backoff, no other wait: {advanced:?}"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn hanging_upstream_ends_in_504_and_is_cancelled() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.set(KEY_A, Behaviour::Hang);
     let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |config| {
@@ -205,20 +218,30 @@ async fn hanging_upstream_ends_in_504_and_is_cancelled() {
         config.upstream.max_retries = 1;
     })
     .await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| mock.calls_for(KEY_A) == 1).await);
+    advance(Duration::from_millis(199)).await;
+    assert!(still_running(&pending).await, "the first try has 200 ms");
+    assert_eq!(mock.calls_for(KEY_A), 1);
+    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(reply.error_code(), "upstream_timeout");
     assert_eq!(mock.calls_for(KEY_A), 2, "one retry");
-    assert!(started.elapsed() >= Duration::from_millis(400));
+    let total = advanced + Duration::from_millis(199);
+    assert!(
+        total >= Duration::from_millis(400)
+            && total <= Duration::from_millis(400) + BACKOFF_CAP + STEP,
+        "two timeouts of 200 ms and one backoff: {total:?}"
+    );
     assert!(
         mock.wait_cancelled(2, Duration::from_secs(2)).await,
         "timed-out requests are dropped upstream"
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn all_keys_briefly_rate_limited_means_waiting_then_success() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     let limited = Behaviour::RateLimited {
         retry_after: None,
@@ -228,12 +251,16 @@ async fn all_keys_briefly_rate_limited_means_waiting_then_success() {
     mock.script(KEY_A, vec![limited.clone()]);
     mock.script(KEY_B, vec![limited]);
     let proxy = two_keys(&mock, |config| config.rate_limit.max_wait_ms = 2_000).await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| mock.calls().len() == 2).await);
+    advance(Duration::from_millis(299)).await;
+    assert!(still_running(&pending).await, "both keys rest for 300 ms");
+    assert_eq!(mock.calls().len(), 2);
+    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "waited for the rest"
+        advanced <= STEP,
+        "served once the rest is over: {advanced:?}"
     );
     assert_eq!(
         mock.calls().len(),
@@ -242,21 +269,19 @@ async fn all_keys_briefly_rate_limited_means_waiting_then_success() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn all_keys_rate_limited_for_long_means_429_with_retry_after() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.set_default(Behaviour::rate_limited_secs(30));
     let proxy = two_keys(&mock, |_| {}).await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| pending.is_finished()).await, "no pointless wait");
+    let reply = pending.await.expect("no panic");
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(reply.error_code(), "rate_limit_exceeded");
     assert_eq!(reply.header("retry-after"), Some("30"));
     assert_eq!(mock.calls().len(), 2, "each key once");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "no pointless wait"
-    );
     assert_no_key_leak(&reply);
 
     // Both keys rest now: the next request is answered without an upstream call.
@@ -266,12 +291,18 @@ async fn all_keys_rate_limited_for_long_means_429_with_retry_after() {
         .header("retry-after")
         .and_then(|v| v.parse().ok())
         .expect("Retry-After");
-    assert!((29..=30).contains(&retry_after));
+    assert_eq!(retry_after, 30, "no time has passed");
+    assert_eq!(mock.calls().len(), 2);
+    advance(Duration::from_millis(10_500)).await;
+    // A fresh connection: the server has closed the idle one meanwhile.
+    let reply = read(send_with(&client(), proxy.chat_request("gpt-4o")).await).await;
+    assert_eq!(reply.header("retry-after"), Some("20"), "rounded up");
     assert_eq!(mock.calls().len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_full_wait_queue_answers_429_at_once() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.set_default(Behaviour::RateLimited {
         retry_after: None,
@@ -279,11 +310,12 @@ async fn a_full_wait_queue_answers_429_at_once() {
         reset_requests: None,
     });
     let proxy = two_keys(&mock, |config| config.rate_limit.max_queue = 0).await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| pending.is_finished()).await, "answered at once");
+    let reply = pending.await.expect("no panic");
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(reply.header("retry-after"), Some("1"));
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(mock.calls().len(), 2, "each key once, then no wait");
 }
 
 #[tokio::test]
@@ -321,8 +353,9 @@ async fn unknown_model_without_fallback_is_404_without_calls() {
     assert_eq!(mock.calls_for(KEY_B), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_503_retry_after_within_the_cap_is_waited_out() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     let unavailable = Behaviour::Status {
         status: 503,
@@ -335,18 +368,23 @@ async fn a_503_retry_after_within_the_cap_is_waited_out() {
         config.upstream.retry_max_backoff_ms = 1_500;
     })
     .await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| mock.calls().len() == 1).await);
+    advance(Duration::from_millis(999)).await;
+    assert!(still_running(&pending).await, "Retry-After honoured");
+    assert_eq!(mock.calls().len(), 1);
+    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "Retry-After honoured"
+        advanced <= STEP,
+        "retried once the second is over: {advanced:?}"
     );
     assert_eq!(mock.calls().len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_503_retry_after_beyond_the_cap_is_passed_through() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.set_default(Behaviour::Status {
         status: 503,
@@ -355,13 +393,16 @@ async fn a_503_retry_after_beyond_the_cap_is_passed_through() {
         headers: vec![("retry-after".to_owned(), "120".to_owned())],
     });
     let proxy = two_keys(&mock, |_| {}).await;
-    let started = Instant::now();
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(
+        settled(|| pending.is_finished()).await,
+        "passed through at once"
+    );
+    let reply = pending.await.expect("no panic");
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.header("retry-after"), Some("120"));
     assert!(reply.text().contains("down for maintenance"));
     assert_eq!(mock.calls().len(), 1);
-    assert!(started.elapsed() < Duration::from_secs(1));
 }
 
 /// Keys A and B on `mock`, in that order, with these rpm and weights (A first on a tie).
@@ -383,55 +424,73 @@ fn keys_called(mock: &MockUpstream) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_retry_that_finds_every_key_briefly_busy_waits_instead_of_giving_up() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.script(KEY_B, vec![Behaviour::status(500)]);
     // 60 rpm: one request a second each.
     let proxy = paced_keys(&mock, [(KEY_A, Some(60), 1), (KEY_B, Some(60), 1)]).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    let started = Instant::now();
     // A is paced, so B serves and fails; the retry finds both keys paced. The pool promises
     // the request A's next cell: the request waits for it rather than asking again (and
     // being promised B's as well) and giving up.
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| mock.calls().len() == 2).await);
+    advance(Duration::from_millis(990)).await;
+    assert!(
+        still_running(&pending).await,
+        "A's next cell is a second away"
+    );
+    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        started.elapsed() >= Duration::from_millis(700),
-        "waited for A"
+        advanced <= BACKOFF_CAP,
+        "served on A's next cell: {advanced:?}"
     );
     assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_A]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_retry_waits_for_an_untried_key_that_frees_up_soon() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.script(KEY_B, vec![Behaviour::status(500)]);
     let proxy = paced_keys(&mock, [(KEY_A, Some(60), 2), (KEY_B, None, 1)]).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    let started = Instant::now();
     // A is paced, B fails. A's next cell is promised to the retry, which takes it instead
     // of going back to B and leaving the promise to delay the requests after it.
-    let reply = proxy.chat("gpt-4o").await;
+    let pending = proxy.spawn_chat("gpt-4o");
+    assert!(settled(|| mock.calls().len() == 2).await);
+    advance(Duration::from_millis(990)).await;
+    assert!(
+        still_running(&pending).await,
+        "A's next cell is a second away"
+    );
+    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        started.elapsed() >= Duration::from_millis(700),
-        "waited for A"
+        advanced <= BACKOFF_CAP,
+        "served on A's next cell: {advanced:?}"
     );
     assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_A]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_retry_goes_back_to_the_failed_key_when_the_others_rest_long() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.script(KEY_A, vec![Behaviour::rate_limited_secs(30)]);
     mock.script(KEY_B, vec![Behaviour::Ok, Behaviour::status(500)]);
     let proxy = two_keys(&mock, |_| {}).await;
     // A rests for 30 s, beyond max_wait: B's failure is retried on B at once.
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    let started = Instant::now();
-    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    assert!(started.elapsed() < Duration::from_secs(1));
+    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), STEP, WAIT_LIMIT).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        advanced <= BACKOFF_CAP,
+        "one backoff, no wait for A: {advanced:?}"
+    );
     assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_B, KEY_B]);
 }
 

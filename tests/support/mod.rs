@@ -3,5 +3,6 @@
 
 pub mod mock_upstream;
 pub mod proxy_harness;
+pub mod time;
 
 pub use mock_upstream::{Behaviour, Call, MockUpstream};

@@ -214,9 +214,26 @@ impl Proxy {
 
     /// A chat completion for `model`.
     pub async fn chat(&self, model: &str) -> Reply {
+        self.call(self.chat_request(model)).await
+    }
+
+    /// Sends `request` in a task of its own: for tests that move paused time while it runs.
+    pub fn spawn(&self, request: Request<Full<Bytes>>) -> JoinHandle<Reply> {
+        let client = self.client.clone();
+        tokio::spawn(async move { read(send_with(&client, request).await).await })
+    }
+
+    /// A chat completion request for `model`.
+    pub fn chat_request(&self, model: &str) -> Request<Full<Bytes>> {
         let body =
             format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-        self.post("/v1/chat/completions", &body).await
+        let headers = [("content-type", "application/json")];
+        self.request(Method::POST, "/v1/chat/completions", &headers, body)
+    }
+
+    /// A chat completion for `model` in a task of its own (see [`Proxy::spawn`]).
+    pub fn spawn_chat(&self, model: &str) -> JoinHandle<Reply> {
+        self.spawn(self.chat_request(model))
     }
 
     /// Triggers shutdown and waits for `run` to return.

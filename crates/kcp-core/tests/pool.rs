@@ -52,14 +52,19 @@ fn pick(
     })
 }
 
-/// Selects until the pool hands out a lease on the key `name` (dropping the others).
+/// Selects until the pool hands out a lease on the key `name` (dropping the others); fails
+/// after one selection per key plus one, by which any fair rotation must have reached it.
 fn lease_on(pool: &KeyPool, name: &str, now: Time, rng: &mut SplitMix64) -> kcp_core::Lease {
-    loop {
+    let bound = pool.snapshot(now).len() + 1;
+    let mut seen = Vec::new();
+    for _ in 0..bound {
         let lease = pool.select(&Demand::default(), now, rng).expect("key");
         if lease.id().as_str() == name {
             return lease;
         }
+        seen.push(lease.id().as_str().to_owned());
     }
+    panic!("no lease on {name} in {bound} selections: {seen:?}");
 }
 
 fn status_of(pool: &KeyPool, name: &str, now: Time) -> KeyStatus {
@@ -509,6 +514,7 @@ proptest! {
         for _ in 0..k * n {
             *counts.entry(pick(&p, None, Time::ZERO, &mut rng).expect("key")).or_default() += 1;
         }
+        prop_assert_eq!(counts.len(), n, "every key is picked: {:?}", counts);
         prop_assert!(counts.values().all(|&c| c + 1 >= k && c <= k + 1), "{:?}", counts);
     }
 }
