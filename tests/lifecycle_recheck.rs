@@ -1,0 +1,99 @@
+//! End-to-end: the server's background re-check of disabled keys, in paused time (see
+//! `support::time`). Nothing calls the check by hand: the server's own loop sends
+//! `GET /v1/models` with the key when the re-check is due (a minute after the rejection,
+//! doubling after each failed re-check) and puts the key back when it answers.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
+use key_cycle_proxy::server::clock;
+use support::proxy_harness::{Proxy, start_proxy};
+use support::time::{advance, freeze, settled};
+use support::{Behaviour, MockUpstream};
+
+const KEY_A: &str = "sk-test-alpha-000000000001";
+/// The loop looks for due re-checks once a second.
+const TICK: Duration = Duration::from_secs(1);
+
+fn status_of(proxy: &Proxy, key: &str) -> (KeyStatus, Option<DisableReason>) {
+    let fingerprint = Secret::new(key).fingerprint();
+    let key = proxy
+        .app
+        .pool()
+        .snapshot(clock::now())
+        .into_iter()
+        .find(|k| k.fingerprint == fingerprint)
+        .expect("key in pool");
+    (key.status, key.disabled_reason)
+}
+
+/// The re-check calls so far: `GET /v1/models` with the key.
+fn rechecks(mock: &MockUpstream) -> usize {
+    mock.calls()
+        .iter()
+        .filter(|c| c.method == "GET" && c.path_and_query == "/v1/models")
+        .count()
+}
+
+/// Advances to `at` after the rejection and checks that no re-check went out before it.
+async fn no_recheck_until(mock: &MockUpstream, since_rejection: &mut Duration, at: Duration) {
+    let before = rechecks(mock);
+    advance(at - TICK - *since_rejection).await;
+    *since_rejection = at - TICK;
+    assert!(
+        !settled(|| rechecks(mock) > before).await,
+        "a re-check before {at:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_key_is_re_checked_by_the_server_and_comes_back() {
+    let _frozen = freeze();
+    let mock = MockUpstream::start().await;
+    mock.set(KEY_A, Behaviour::Unauthorized);
+    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    assert_eq!(
+        proxy.chat("gpt-4o").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        status_of(&proxy, KEY_A),
+        (KeyStatus::Disabled, Some(DisableReason::Unauthorized))
+    );
+    let mut since = Duration::ZERO;
+
+    // First re-check a minute after the rejection; the key is still rejected.
+    no_recheck_until(&mock, &mut since, Duration::from_secs(60)).await;
+    advance(TICK).await;
+    since += TICK;
+    assert!(settled(|| rechecks(&mock) == 1).await, "re-checked at 60 s");
+    assert_eq!(status_of(&proxy, KEY_A).0, KeyStatus::Disabled);
+
+    // The next one waits twice as long: 120 s after the first.
+    mock.set(KEY_A, Behaviour::Ok);
+    no_recheck_until(&mock, &mut since, Duration::from_secs(180)).await;
+    assert_eq!(status_of(&proxy, KEY_A).0, KeyStatus::Disabled);
+    advance(TICK).await;
+    assert!(
+        settled(|| rechecks(&mock) == 2).await,
+        "re-checked at 180 s"
+    );
+    assert!(
+        settled(|| status_of(&proxy, KEY_A).0 == KeyStatus::Available).await,
+        "the key answered: back in rotation"
+    );
+
+    let probe = mock.calls().pop().expect("the re-check");
+    assert_eq!(probe.key.as_deref(), Some(KEY_A));
+    assert!(probe.body.is_empty());
+    assert_eq!(proxy.get("/ready").await.status, StatusCode::OK);
+    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+    assert_eq!(
+        mock.calls_for(KEY_A),
+        4,
+        "one rejection, two re-checks, one chat"
+    );
+}
