@@ -8,27 +8,12 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
-use key_cycle_proxy::server::clock;
-use support::proxy_harness::{Proxy, start_proxy};
+use key_cycle_proxy::core::{DisableReason, KeyStatus};
 use support::time::{advance, freeze, settled};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, MockUpstream, one_key};
 
-const KEY_A: &str = "sk-test-alpha-000000000001";
 /// The loop looks for due re-checks once a second.
 const TICK: Duration = Duration::from_secs(1);
-
-fn status_of(proxy: &Proxy, key: &str) -> (KeyStatus, Option<DisableReason>) {
-    let fingerprint = Secret::new(key).fingerprint();
-    let key = proxy
-        .app
-        .pool()
-        .snapshot(clock::now())
-        .into_iter()
-        .find(|k| k.fingerprint == fingerprint)
-        .expect("key in pool");
-    (key.status, key.disabled_reason)
-}
 
 /// The re-check calls so far: `GET /v1/models` with the key.
 fn rechecks(mock: &MockUpstream) -> usize {
@@ -54,13 +39,13 @@ async fn a_rejected_key_is_re_checked_by_the_server_and_comes_back() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.set(KEY_A, Behaviour::Unauthorized);
-    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    let proxy = one_key(&mock).await;
     assert_eq!(
         proxy.chat("gpt-4o").await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(
-        status_of(&proxy, KEY_A),
+        proxy.key_status(KEY_A),
         (KeyStatus::Disabled, Some(DisableReason::Unauthorized))
     );
     let mut since = Duration::ZERO;
@@ -70,19 +55,19 @@ async fn a_rejected_key_is_re_checked_by_the_server_and_comes_back() {
     advance(TICK).await;
     since += TICK;
     assert!(settled(|| rechecks(&mock) == 1).await, "re-checked at 60 s");
-    assert_eq!(status_of(&proxy, KEY_A).0, KeyStatus::Disabled);
+    assert_eq!(proxy.key_status(KEY_A).0, KeyStatus::Disabled);
 
     // The next one waits twice as long: 120 s after the first.
     mock.set(KEY_A, Behaviour::Ok);
     no_recheck_until(&mock, &mut since, Duration::from_secs(180)).await;
-    assert_eq!(status_of(&proxy, KEY_A).0, KeyStatus::Disabled);
+    assert_eq!(proxy.key_status(KEY_A).0, KeyStatus::Disabled);
     advance(TICK).await;
     assert!(
         settled(|| rechecks(&mock) == 2).await,
         "re-checked at 180 s"
     );
     assert!(
-        settled(|| status_of(&proxy, KEY_A).0 == KeyStatus::Available).await,
+        settled(|| proxy.key_status(KEY_A).0 == KeyStatus::Available).await,
         "the key answered: back in rotation"
     );
 

@@ -7,26 +7,16 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use key_cycle_proxy::server::serve::ServeError;
 use support::mock_upstream::sse_events;
 use support::proxy_harness::{Proxy, start_proxy};
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, MockUpstream};
 
-const KEY_A: &str = "sk-test-alpha-000000000001";
 const GRACE_SECS: u64 = 2;
 const STEP: Duration = Duration::from_millis(1);
 const LIMIT: Duration = Duration::from_secs(5);
-
-fn stream_request(proxy: &Proxy) -> http::Request<http_body_util::Full<Bytes>> {
-    proxy.request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
-    )
-}
 
 async fn proxy_with_grace(mock: &MockUpstream) -> Proxy {
     start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |config| {
@@ -98,7 +88,7 @@ async fn a_stream_that_ends_within_the_grace_period_is_served_whole() {
         },
     );
     let mut proxy = proxy_with_grace(&mock).await;
-    let pending = proxy.spawn(stream_request(&proxy));
+    let pending = proxy.spawn(proxy.stream_request("gpt-4o"));
     assert!(settled(|| mock.calls().len() == 1).await);
 
     let stopped = proxy.begin_shutdown();

@@ -1,7 +1,6 @@
 //! End-to-end: the metrics on `/metrics` after scripted scenarios, with exact names, labels and
 //! values.
 
-mod observability_support;
 mod support;
 
 use std::time::Duration;
@@ -11,13 +10,9 @@ use http_body_util::BodyExt;
 use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::cli::Cli;
 use key_cycle_proxy::server::config;
-use observability_support::{named_keys, scrape, series, value};
+use support::observe::{named_keys, scrape, series, value};
 use support::proxy_harness::{Proxy, WAIT, closed_port_url, read, start_app, start_loaded};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-metrics-alpha-0001";
-const KEY_B: &str = "sk-test-metrics-bravo-0002";
-const KEY_C: &str = "sk-test-metrics-charlie-03";
+use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream};
 
 const GPT_4O: &[&str] = &["gpt-4o"];
 

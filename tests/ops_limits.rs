@@ -11,12 +11,9 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use support::proxy_harness::{Proxy, WAIT, start_proxy};
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-beta-0000000000002";
 
 /// The short client timeouts of these tests.
 const SLOW_CLIENT_MS: u64 = 200;

@@ -6,15 +6,13 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
-use key_cycle_proxy::server::clock;
-use key_cycle_proxy::server::proxy::probe;
+use key_cycle_proxy::core::{DisableReason, KeyStatus};
 use support::proxy_harness::{
     Proxy, Reply, client, closed_port_url, loaded_config, read, resolved_key, send_with,
     start_loaded, start_proxy,
 };
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream, two_keys};
 
 /// Steps of paused time for requests that only back off between tries.
 const STEP: Duration = Duration::from_millis(10);
@@ -22,35 +20,6 @@ const STEP: Duration = Duration::from_millis(10);
 const BACKOFF_CAP: Duration = Duration::from_millis(50);
 /// Paused time a request may take before a test gives up on it.
 const WAIT_LIMIT: Duration = Duration::from_secs(5);
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-bravo-000000000002";
-
-async fn two_keys(
-    mock: &MockUpstream,
-    tweak: impl FnOnce(&mut key_cycle_proxy::server::config::Config),
-) -> Proxy {
-    start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-        ],
-        tweak,
-    )
-    .await
-}
-
-fn status_of(proxy: &Proxy, key: &str) -> (KeyStatus, Option<DisableReason>) {
-    let fingerprint = Secret::new(key).fingerprint();
-    let snapshot = proxy
-        .app
-        .pool()
-        .snapshot(clock::now())
-        .into_iter()
-        .find(|k| k.fingerprint == fingerprint)
-        .expect("key in pool");
-    (snapshot.status, snapshot.disabled_reason)
-}
 
 /// No trace of a provider's key-rejection body (which quotes a masked key) in a reply.
 fn assert_no_key_leak(reply: &Reply) {
@@ -86,7 +55,7 @@ async fn fails_over_once(behaviour: Behaviour) -> Proxy {
 async fn unauthorized_key_fails_over_and_is_disabled() {
     let proxy = fails_over_once(Behaviour::Unauthorized).await;
     assert_eq!(
-        status_of(&proxy, KEY_A),
+        proxy.key_status(KEY_A),
         (KeyStatus::Disabled, Some(DisableReason::Unauthorized))
     );
 }
@@ -95,7 +64,7 @@ async fn unauthorized_key_fails_over_and_is_disabled() {
 async fn forbidden_key_fails_over_and_is_disabled() {
     let proxy = fails_over_once(Behaviour::Forbidden).await;
     assert_eq!(
-        status_of(&proxy, KEY_A),
+        proxy.key_status(KEY_A),
         (KeyStatus::Disabled, Some(DisableReason::Forbidden))
     );
 }
@@ -104,7 +73,7 @@ async fn forbidden_key_fails_over_and_is_disabled() {
 async fn exhausted_quota_fails_over_and_is_disabled() {
     let proxy = fails_over_once(Behaviour::InsufficientQuota).await;
     assert_eq!(
-        status_of(&proxy, KEY_A),
+        proxy.key_status(KEY_A),
         (KeyStatus::Disabled, Some(DisableReason::QuotaExhausted))
     );
 }
@@ -112,7 +81,7 @@ async fn exhausted_quota_fails_over_and_is_disabled() {
 #[tokio::test]
 async fn rate_limited_key_fails_over_and_cools() {
     let proxy = fails_over_once(Behaviour::rate_limited_secs(30)).await;
-    assert_eq!(status_of(&proxy, KEY_A), (KeyStatus::Cooling, None));
+    assert_eq!(proxy.key_status(KEY_A), (KeyStatus::Cooling, None));
 }
 
 #[tokio::test]
@@ -424,17 +393,15 @@ fn keys_called(mock: &MockUpstream) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_retry_that_finds_every_key_briefly_busy_waits_instead_of_giving_up() {
+/// A's pace is spent by a first chat; B fails the second chat's first try. The retry finds
+/// every key busy: the pool promises it A's next cell, a second away, and the request waits
+/// for it rather than asking again (and being promised B's as well) or giving up.
+async fn a_retry_waits_for_a(keys: [(&str, Option<u32>, u32); 2]) {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.script(KEY_B, vec![Behaviour::status(500)]);
-    // 60 rpm: one request a second each.
-    let proxy = paced_keys(&mock, [(KEY_A, Some(60), 1), (KEY_B, Some(60), 1)]).await;
+    let proxy = paced_keys(&mock, keys).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    // A is paced, so B serves and fails; the retry finds both keys paced. The pool promises
-    // the request A's next cell: the request waits for it rather than asking again (and
-    // being promised B's as well) and giving up.
     let pending = proxy.spawn_chat("gpt-4o");
     assert!(settled(|| mock.calls().len() == 2).await);
     advance(Duration::from_millis(990)).await;
@@ -452,28 +419,16 @@ async fn a_retry_that_finds_every_key_briefly_busy_waits_instead_of_giving_up() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_that_finds_every_key_briefly_busy_waits_instead_of_giving_up() {
+    // 60 rpm: one request a second each.
+    a_retry_waits_for_a([(KEY_A, Some(60), 1), (KEY_B, Some(60), 1)]).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retry_waits_for_an_untried_key_that_frees_up_soon() {
-    let _frozen = freeze();
-    let mock = MockUpstream::start().await;
-    mock.script(KEY_B, vec![Behaviour::status(500)]);
-    let proxy = paced_keys(&mock, [(KEY_A, Some(60), 2), (KEY_B, None, 1)]).await;
-    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    // A is paced, B fails. A's next cell is promised to the retry, which takes it instead
-    // of going back to B and leaving the promise to delay the requests after it.
-    let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| mock.calls().len() == 2).await);
-    advance(Duration::from_millis(990)).await;
-    assert!(
-        still_running(&pending).await,
-        "A's next cell is a second away"
-    );
-    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert!(
-        advanced <= BACKOFF_CAP,
-        "served on A's next cell: {advanced:?}"
-    );
-    assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_A]);
+    // B is unpaced and weighs less: the retry still takes A's promised cell instead of
+    // going back to B and leaving the promise to delay the requests after it.
+    a_retry_waits_for_a([(KEY_A, Some(60), 2), (KEY_B, None, 1)]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -492,35 +447,4 @@ async fn a_retry_goes_back_to_the_failed_key_when_the_others_rest_long() {
         "one backoff, no wait for A: {advanced:?}"
     );
     assert_eq!(keys_called(&mock), [KEY_A, KEY_B, KEY_B, KEY_B]);
-}
-
-#[tokio::test]
-async fn a_rejected_key_is_re_checked_and_comes_back() {
-    let mock = MockUpstream::start().await;
-    mock.set(KEY_A, Behaviour::Unauthorized);
-    let proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
-    assert_eq!(
-        proxy.chat("gpt-4o").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert_eq!(
-        proxy.get("/ready").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-
-    // The key is restored; its re-check is due a minute after it was disabled.
-    mock.set(KEY_A, Behaviour::Ok);
-    let pool = proxy.app.pool();
-    let later = clock::now() + Duration::from_secs(61);
-    let index = pool.due_probes(later)[0];
-    let lease = pool.probe(index, later).expect("a probe lease");
-    let changes = probe::check(&proxy.app, lease).await;
-    assert_eq!(changes.iter().count(), 1, "{changes:?}");
-    let probe_call = mock.calls().pop().expect("the probe's call");
-    assert_eq!(probe_call.path_and_query, "/v1/models");
-    assert_eq!(probe_call.method, "GET");
-
-    assert_eq!(proxy.get("/ready").await.status, StatusCode::OK);
-    assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    assert_eq!(status_of(&proxy, KEY_A).0, KeyStatus::Available);
 }

@@ -9,17 +9,9 @@ use bytes::Bytes;
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use support::mock_upstream::{COMPLETION_TEXT, sse_events};
-use support::proxy_harness::{Proxy, WAIT, h2_client, read, send_with, start_proxy};
+use support::proxy_harness::{WAIT, h2_client, read, send_with, start_proxy};
 use support::time::{advance, freeze};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-bravo-000000000002";
-const KEY_C: &str = "sk-test-charlie-0000000003";
-
-async fn one_key(mock: &MockUpstream) -> Proxy {
-    start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await
-}
+use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key};
 
 #[tokio::test]
 async fn chat_completion_passes_through_with_one_call() {

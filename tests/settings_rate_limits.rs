@@ -9,11 +9,9 @@ use std::time::Duration;
 use http::StatusCode;
 use support::proxy_harness::{Proxy, Reply, start_proxy};
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
 use tokio::task::JoinHandle;
 
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-bravo-000000000002";
 const STEP: Duration = Duration::from_millis(1);
 const LIMIT: Duration = Duration::from_secs(5);
 

@@ -11,10 +11,8 @@ use http::{Method, StatusCode};
 use key_cycle_proxy::server::config::Config;
 use support::proxy_harness::{Proxy, loaded_config, resolved_key, start_loaded};
 use support::time::{advance, finish, freeze, still_running};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
 
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-bravo-000000000002";
 const STEP: Duration = Duration::from_millis(1);
 
 /// Keys `(key, weight, tpm)` on `mock`, in that order, and the test config after `tweak`.

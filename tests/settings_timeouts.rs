@@ -8,25 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
 use support::mock_upstream::sse_events;
-use support::proxy_harness::{Proxy, start_proxy};
+use support::proxy_harness::start_proxy;
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, MockUpstream};
 
-const KEY_A: &str = "sk-test-alpha-000000000001";
 const STEP: Duration = Duration::from_millis(1);
 const LIMIT: Duration = Duration::from_secs(5);
-
-fn stream_request(proxy: &Proxy) -> http::Request<http_body_util::Full<Bytes>> {
-    proxy.request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
-    )
-}
 
 /// A TLS upstream that accepts TCP and never answers the ClientHello: the connection is
 /// never established, so only the connect timeout can end the attempt. Counts what it
@@ -91,7 +81,7 @@ async fn stream_idle_timeout_cuts_a_stalled_stream_after_exactly_the_idle_time()
         config.upstream.request_timeout_ms = 10_000;
     })
     .await;
-    let response = proxy.send(stream_request(&proxy)).await;
+    let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
     let received = Arc::new(Mutex::new(Vec::<u8>::new()));
     let sink = Arc::clone(&received);
@@ -154,7 +144,7 @@ async fn a_stream_slower_in_total_than_the_idle_timeout_but_never_idle_that_long
         config.upstream.request_timeout_ms = 1_000;
     })
     .await;
-    let pending = proxy.spawn(stream_request(&proxy));
+    let pending = proxy.spawn(proxy.stream_request("gpt-4o"));
     let (reply, advanced) = finish(pending, interval, LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.body, Bytes::from(sse_events("gpt-4o", 5).concat()));

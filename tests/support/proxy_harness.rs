@@ -15,8 +15,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use key_cycle_proxy::core::Secret;
+use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
 use key_cycle_proxy::server::app::App;
+use key_cycle_proxy::server::clock;
 use key_cycle_proxy::server::config::{Config, KeySources, LoadedConfig, ResolvedKey};
 use key_cycle_proxy::server::serve::{ServeError, Server};
 use serde_json::Value;
@@ -229,6 +230,50 @@ impl Proxy {
             format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
         let headers = [("content-type", "application/json")];
         self.request(Method::POST, "/v1/chat/completions", &headers, body)
+    }
+
+    /// A streamed chat completion request for `model`.
+    pub fn stream_request(&self, model: &str) -> Request<Full<Bytes>> {
+        let body = format!(r#"{{"model":"{model}","stream":true,"messages":[]}}"#);
+        let headers = [("content-type", "application/json")];
+        self.request(Method::POST, "/v1/chat/completions", &headers, body)
+    }
+
+    /// `GET url` (any listener).
+    pub async fn get_url(&self, url: &str) -> Reply {
+        let request = Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        self.call(request).await
+    }
+
+    /// `method path` on the metrics and admin listener, with `token` as the bearer token.
+    pub async fn admin(&self, method: Method, path: &str, token: Option<&str>) -> Reply {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(self.metrics_url(path));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        self.call(
+            request
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+    }
+
+    /// The status of `key` in the pool now, and why it is disabled if it is.
+    pub fn key_status(&self, key: &str) -> (KeyStatus, Option<DisableReason>) {
+        let fingerprint = Secret::new(key).fingerprint();
+        let key = self
+            .app
+            .pool()
+            .snapshot(clock::now())
+            .into_iter()
+            .find(|k| k.fingerprint == fingerprint)
+            .expect("key in pool");
+        (key.status, key.disabled_reason)
     }
 
     /// A chat completion for `model` in a task of its own (see [`Proxy::spawn`]).

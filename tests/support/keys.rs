@@ -1,0 +1,31 @@
+//! The API keys of the end-to-end tests, and the pools most tests start from.
+//!
+//! Keys look like OpenAI's (`sk-…`) and are long enough for the mock to mask them as OpenAI
+//! does, so a test that finds one in a log, a metric or a reply has found a leak.
+
+use key_cycle_proxy::server::config::Config;
+
+use super::mock_upstream::MockUpstream;
+use super::proxy_harness::{Proxy, start_proxy};
+
+pub const KEY_A: &str = "sk-test-alpha-000000000001";
+pub const KEY_B: &str = "sk-test-bravo-000000000002";
+pub const KEY_C: &str = "sk-test-charlie-0000000003";
+
+/// The proxy with key A on `mock`, serving every model, and the test config.
+pub async fn one_key(mock: &MockUpstream) -> Proxy {
+    start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await
+}
+
+/// The proxy with keys A and B on `mock`, serving every model, and the test config after
+/// `tweak`.
+pub async fn two_keys(mock: &MockUpstream, tweak: impl FnOnce(&mut Config)) -> Proxy {
+    start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["others"]),
+            (KEY_B, mock.url(), vec!["others"]),
+        ],
+        tweak,
+    )
+    .await
+}
