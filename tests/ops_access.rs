@@ -11,7 +11,7 @@ use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::config::{Config, RotationStrategy};
 use serde_json::Value;
 use support::proxy_harness::{Proxy, Reply, loaded_config, read, start_loaded, start_proxy};
-use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream, one_key};
 
 const CLIENT_KEY: &str = "kcp-client-key-7d2e91f0c4";
 const OTHER_CLIENT_KEY: &str = "kcp-client-key-other-3a8b";
@@ -243,7 +243,7 @@ async fn responses_and_errors_carry_cors_headers_for_allowed_origins() {
     assert!(foreign.header("access-control-allow-origin").is_none());
     assert!(foreign.header("access-control-allow-credentials").is_none());
 
-    let default = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    let default = one_key(&mock).await;
     let any = default
         .call(default.request(
             Method::POST,

@@ -12,7 +12,7 @@ use serde_json::Value;
 use support::config_file::{ADMIN_TOKEN, ConfigFile, config_toml};
 use support::mock_upstream::sse_events;
 use support::proxy_harness::{Proxy, WAIT, read, start_app, start_proxy};
-use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key};
 
 /// `GET /admin/keys`, by key name.
 async fn key_states(proxy: &Proxy) -> Vec<(String, Value)> {
@@ -43,7 +43,7 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
             interval: Duration::from_millis(30),
         },
     );
-    let mut proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    let mut proxy = one_key(&mock).await;
     assert_eq!(
         proxy
             .call(proxy.request(Method::GET, "/ready", &[], Bytes::new()))

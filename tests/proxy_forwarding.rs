@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use support::mock_upstream::{COMPLETION_TEXT, sse_events};
 use support::proxy_harness::{WAIT, h2_client, read, send_with, start_proxy};
 use support::time::{advance, freeze};
-use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key};
+use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key, three_keys, two_keys};
 
 #[tokio::test]
 async fn chat_completion_passes_through_with_one_call() {
@@ -295,15 +295,7 @@ async fn headers_are_rewritten_for_the_key() {
 #[tokio::test]
 async fn stateful_endpoints_stick_to_the_home_key() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-            (KEY_C, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = three_keys(&mock).await;
     for _ in 0..6 {
         assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     }
@@ -427,15 +419,7 @@ async fn organization_and_project_are_the_keys_in_both_directions() {
 #[tokio::test]
 async fn stored_chat_completions_stick_to_the_home_key() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-            (KEY_C, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = three_keys(&mock).await;
     for _ in 0..4 {
         assert_eq!(
             proxy.get("/v1/chat/completions/chatcmpl-abc").await.status,
@@ -495,15 +479,7 @@ async fn stored_chat_completions_stick_to_the_home_key() {
 #[tokio::test]
 async fn two_hundred_concurrent_requests_all_succeed() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-            (KEY_C, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = three_keys(&mock).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
         let client = proxy.client.clone();
@@ -634,14 +610,7 @@ async fn oversized_bodies_are_refused_before_any_call() {
 #[tokio::test]
 async fn health_ready_and_unknown_paths() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = two_keys(&mock, |_| {}).await;
     let health = proxy.get("/health").await;
     assert_eq!(health.status, StatusCode::OK);
     let counts = health.json();

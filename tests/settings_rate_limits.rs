@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 use support::proxy_harness::{Proxy, Reply, start_proxy};
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream, two_keys};
 use tokio::task::JoinHandle;
 
 const STEP: Duration = Duration::from_millis(1);
@@ -57,16 +57,10 @@ async fn per_key_rps_lets_a_burst_through_then_paces_the_key() {
 async fn per_key_rps_paces_each_key_on_its_own() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-        ],
-        |config| {
-            config.rate_limit.per_key_rps = Some(1.0);
-            config.rate_limit.burst = 1;
-        },
-    )
+    let proxy = two_keys(&mock, |config| {
+        config.rate_limit.per_key_rps = Some(1.0);
+        config.rate_limit.burst = 1;
+    })
     .await;
     served_at_once(&proxy, 2).await;
     assert_eq!((mock.calls_for(KEY_A), mock.calls_for(KEY_B)), (1, 1));
@@ -78,16 +72,10 @@ async fn per_key_rps_paces_each_key_on_its_own() {
 async fn global_rps_paces_the_whole_pool() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-        ],
-        |config| {
-            config.rate_limit.global_rps = Some(4.0);
-            config.rate_limit.burst = 2;
-        },
-    )
+    let proxy = two_keys(&mock, |config| {
+        config.rate_limit.global_rps = Some(4.0);
+        config.rate_limit.burst = 2;
+    })
     .await;
     served_at_once(&proxy, 2).await;
     // Key B is idle, but the pool as a whole is at its rate.

@@ -29,3 +29,16 @@ pub async fn two_keys(mock: &MockUpstream, tweak: impl FnOnce(&mut Config)) -> P
     )
     .await
 }
+
+/// The proxy with keys A, B and C on `mock`, serving every model, and the test config.
+pub async fn three_keys(mock: &MockUpstream) -> Proxy {
+    start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["others"]),
+            (KEY_B, mock.url(), vec!["others"]),
+            (KEY_C, mock.url(), vec!["others"]),
+        ],
+        |_| {},
+    )
+    .await
+}

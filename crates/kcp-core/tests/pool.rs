@@ -53,9 +53,10 @@ fn pick(
 }
 
 /// Selects until the pool hands out a lease on the key `name` (dropping the others); fails
-/// after one selection per key plus one, by which any fair rotation must have reached it.
+/// after 32 rounds of the pool (a rotation reaches every key in one round, a random two-choice
+/// draw in a few), rather than looping forever on a pool that never offers the key.
 fn lease_on(pool: &KeyPool, name: &str, now: Time, rng: &mut SplitMix64) -> kcp_core::Lease {
-    let bound = pool.snapshot(now).len() + 1;
+    let bound = 32 * pool.snapshot(now).len();
     let mut seen = Vec::new();
     for _ in 0..bound {
         let lease = pool.select(&Demand::default(), now, rng).expect("key");
@@ -361,14 +362,11 @@ fn health_weighting_sends_less_to_a_failing_key() {
     assert!((0.32..=0.43).contains(&share), "{counts:?}");
 }
 
-#[test]
-fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
+/// Least latency over keys of 50, 100 and 400 ms listed in `order`: 300 selections with
+/// every lease held open, by key.
+fn least_latency_counts(order: [&str; 3]) -> HashMap<String, u32> {
     let p = pool(
-        vec![
-            key("fast", &["others"]),
-            key("mid", &["others"]),
-            key("slow", &["others"]),
-        ],
+        order.iter().map(|name| key(name, &["others"])).collect(),
         Strategy::LeastLatency,
     );
     let mut rng = SplitMix64::new(3);
@@ -391,12 +389,29 @@ fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
         *counts.entry(lease.id().to_string()).or_default() += 1;
         held.push(lease);
     }
-    assert!(
-        counts["fast"] > counts["mid"] && counts["mid"] > counts["slow"],
-        "{counts:?}"
-    );
-    assert!(counts["fast"] < 250, "load must spread: {counts:?}");
-    assert!(counts.get("slow").copied().unwrap_or(0) > 0, "{counts:?}");
+    counts
+}
+
+#[test]
+fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
+    // Whatever the order of the keys, the latency decides: listing the slow key first must
+    // not make it the favourite.
+    for order in [["fast", "mid", "slow"], ["slow", "mid", "fast"]] {
+        let counts = least_latency_counts(order);
+        assert!(
+            counts["fast"] > counts["mid"] && counts["mid"] > counts["slow"],
+            "{order:?}: {counts:?}"
+        );
+        assert!(counts["fast"] < 250, "load must spread: {counts:?}");
+        assert!(counts.get("slow").copied().unwrap_or(0) > 0, "{counts:?}");
+        // In-flight requests cost their key its latency each: at the end the costs
+        // (latency × (in flight + 1)) are level, so the shares go inversely to latency.
+        let fast_to_slow = f64::from(counts["fast"]) / f64::from(counts["slow"]);
+        assert!(
+            (5.0..=11.0).contains(&fast_to_slow),
+            "{order:?}: {counts:?}"
+        );
+    }
 }
 
 #[test]
