@@ -533,6 +533,7 @@ mod tests {
         let mut p = Pace::default();
         p.cut();
         assert_eq!(p.factor(), 0.5);
+        assert_eq!(p.rate_per_sec(120), 1.0, "half of 2 a second");
         for _ in 0..3 {
             p.cut();
         }
