@@ -20,6 +20,19 @@ async fn proxy_of(url: &str, keys: &[(&str, &str, &[&str])]) -> Proxy {
     start_loaded(named_keys(url, keys, |_| {})).await
 }
 
+/// Keys a, b and c on `mock` serving `gpt-4o`, in that order, after `tweak`.
+fn abc(mock: &MockUpstream, tweak: impl FnOnce(&mut config::Config)) -> config::LoadedConfig {
+    named_keys(
+        &mock.url(),
+        &[
+            ("a", KEY_A, GPT_4O),
+            ("b", KEY_B, GPT_4O),
+            ("c", KEY_C, GPT_4O),
+        ],
+        tweak,
+    )
+}
+
 #[tokio::test]
 async fn a_rate_limited_failover_is_counted_exactly() {
     let mock = MockUpstream::start().await;
@@ -124,16 +137,7 @@ async fn key_rejections_and_server_errors_are_counted_by_outcome_and_reason() {
     let mock = MockUpstream::start().await;
     mock.set(KEY_A, Behaviour::Unauthorized);
     mock.set(KEY_B, Behaviour::InsufficientQuota);
-    let proxy = start_loaded(named_keys(
-        &mock.url(),
-        &[
-            ("a", KEY_A, GPT_4O),
-            ("b", KEY_B, GPT_4O),
-            ("c", KEY_C, GPT_4O),
-        ],
-        |config| config.upstream.max_retries = 2,
-    ))
-    .await;
+    let proxy = start_loaded(abc(&mock, |config| config.upstream.max_retries = 2)).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     mock.script(KEY_C, vec![Behaviour::status(500), Behaviour::Ok]);
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
@@ -174,18 +178,10 @@ async fn connect_errors_and_timeouts_are_counted_and_retried() {
     let mock = MockUpstream::start().await;
     mock.set(KEY_B, Behaviour::Hang);
     let closed = closed_port_url().await;
-    let mut loaded = named_keys(
-        &mock.url(),
-        &[
-            ("a", KEY_A, GPT_4O),
-            ("b", KEY_B, GPT_4O),
-            ("c", KEY_C, GPT_4O),
-        ],
-        |config| {
-            config.upstream.max_retries = 2;
-            config.upstream.request_timeout_ms = 300;
-        },
-    );
+    let mut loaded = abc(&mock, |config| {
+        config.upstream.max_retries = 2;
+        config.upstream.request_timeout_ms = 300;
+    });
     loaded.keys[0].url = closed;
     let proxy = start_loaded(loaded).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);

@@ -11,7 +11,7 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use support::config_file::{ADMIN_TOKEN, ConfigFile, config_toml};
 use support::mock_upstream::sse_events;
-use support::proxy_harness::{Proxy, WAIT, read, start_app, start_proxy};
+use support::proxy_harness::{Proxy, WAIT, read, start_app, start_proxy, stopped};
 use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key};
 
 /// `GET /admin/keys`, by key name.
@@ -54,7 +54,7 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
     let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
 
-    let stopped = proxy.begin_shutdown();
+    let run = proxy.begin_shutdown();
     tokio::time::timeout(WAIT, proxy.app.drain_begun())
         .await
         .expect("the drain begins");
@@ -70,7 +70,7 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
         "{}",
         ready.text()
     );
-    assert!(!stopped.is_finished(), "the stream is still in flight");
+    assert!(!run.is_finished(), "the stream is still in flight");
 
     let reply = read(response).await;
     assert_eq!(
@@ -78,10 +78,7 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
         Bytes::from(sse_events("gpt-4o", 40).concat()),
         "the stream in flight completes"
     );
-    let result = tokio::time::timeout(WAIT, stopped)
-        .await
-        .expect("run returns once drained")
-        .expect("no panic");
+    let result = stopped(run).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(
         tokio::net::TcpStream::connect(proxy.metrics_addr)

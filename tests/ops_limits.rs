@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::proxy_harness::{Proxy, WAIT, start_proxy};
+use support::proxy_harness::WAIT;
 use support::time::{advance, finish, freeze, settled, still_running};
-use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
+use support::{Behaviour, MockUpstream, routed_keys};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -105,20 +105,6 @@ async fn stall(addr: SocketAddr, bytes: &[u8]) -> RawReply {
     reply
 }
 
-async fn routed_pool(
-    mock: &MockUpstream,
-    tweak: impl FnOnce(&mut key_cycle_proxy::server::config::Config),
-) -> Proxy {
-    start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["gpt-4o"]),
-            (KEY_B, mock.url(), vec!["whisper-1", "gpt-4o-mini"]),
-        ],
-        tweak,
-    )
-    .await
-}
-
 fn assert_openai_error(json: &serde_json::Value, code: &str) {
     assert_eq!(json["error"]["code"], code, "{json}");
     assert!(json["error"]["message"].is_string(), "{json}");
@@ -128,7 +114,7 @@ fn assert_openai_error(json: &serde_json::Value, code: &str) {
 #[tokio::test]
 async fn a_body_over_the_limit_is_413_whether_declared_or_chunked() {
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.request_body_limit_bytes = 1024;
     })
     .await;
@@ -162,7 +148,7 @@ async fn a_body_over_the_limit_is_413_whether_declared_or_chunked() {
 #[tokio::test]
 async fn a_head_over_max_header_bytes_is_431() {
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.max_header_bytes = 16_384;
     })
     .await;
@@ -207,7 +193,7 @@ async fn a_head_over_max_header_bytes_is_431() {
 async fn a_client_stalling_mid_body_gets_408() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.body_read_timeout_ms = SLOW_CLIENT_MS;
     })
     .await;
@@ -223,7 +209,7 @@ async fn a_client_stalling_mid_body_gets_408() {
 async fn a_client_stalling_in_the_head_is_disconnected() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.header_read_timeout_ms = SLOW_CLIENT_MS;
     })
     .await;
@@ -252,7 +238,7 @@ async fn a_client_stalling_in_the_head_is_disconnected() {
 async fn a_slow_but_steady_request_is_served() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.header_read_timeout_ms = 2_000;
     })
     .await;
@@ -288,7 +274,7 @@ async fn a_slow_but_steady_request_is_served() {
 async fn odd_bodies_against_a_routed_pool_never_break_the_proxy() {
     let mock = MockUpstream::start().await;
     mock.set_default(Behaviour::status(400));
-    let proxy = routed_pool(&mock, |_| {}).await;
+    let proxy = routed_keys(&mock, |_| {}).await;
     let deep = format!(
         "{{\"model\":{}1{}}}",
         "[".repeat(100_000),

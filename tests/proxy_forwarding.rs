@@ -11,7 +11,9 @@ use http_body_util::BodyExt;
 use support::mock_upstream::{COMPLETION_TEXT, sse_events};
 use support::proxy_harness::{WAIT, h2_client, read, send_with, start_proxy};
 use support::time::{advance, freeze};
-use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key, three_keys, two_keys};
+use support::{
+    Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key, routed_keys, three_keys, two_keys,
+};
 
 #[tokio::test]
 async fn chat_completion_passes_through_with_one_call() {
@@ -106,14 +108,7 @@ async fn embeddings_pass_through() {
 async fn model_list_needs_no_model() {
     let mock = MockUpstream::start().await;
     // Keys that name models only: a request without a model may still use any of them.
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["gpt-4o"]),
-            (KEY_B, mock.url(), vec!["whisper-1"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = routed_keys(&mock, |_| {}).await;
     let reply = proxy.get("/v1/models").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["object"], "list");
@@ -146,14 +141,7 @@ fn multipart(boundary: &str, model: &str, audio: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn multipart_transcription_is_routed_by_its_form_model() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["gpt-4o"]),
-            (KEY_B, mock.url(), vec!["whisper-1"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = routed_keys(&mock, |_| {}).await;
     let audio: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
     let boundary = "----kcpBoundary7MA4YWxkTrZu0gW";
     let body = multipart(boundary, "whisper-1", &audio);

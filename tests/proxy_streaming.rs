@@ -9,7 +9,7 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use key_cycle_proxy::server::serve::ServeError;
 use support::mock_upstream::sse_events;
-use support::proxy_harness::{WAIT, read, start_proxy};
+use support::proxy_harness::{WAIT, read, start_proxy, stopped};
 use support::{Behaviour, KEY_A, MockUpstream, one_key};
 
 /// Bound for cancellation to travel from the client, through the proxy, to the upstream.
@@ -106,17 +106,14 @@ async fn shutdown_drains_a_running_stream_and_refuses_new_connections() {
     let mut proxy = one_key(&mock).await;
     let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let stopped = proxy.begin_shutdown();
+    let run = proxy.begin_shutdown();
     let reply = read(response).await;
     assert_eq!(
         reply.body,
         Bytes::from(sse_events("gpt-4o", 10).concat()),
         "the stream in flight completes"
     );
-    let result = tokio::time::timeout(WAIT, stopped)
-        .await
-        .expect("run returns")
-        .expect("no panic");
+    let result = stopped(run).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(
         tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
@@ -140,11 +137,8 @@ async fn shutdown_cuts_what_outlives_the_grace_period() {
     let request = proxy.stream_request("gpt-4o");
     let pending = tokio::spawn(async move { client.request(request).await });
     assert!(mock.wait_calls(1, WAIT).await);
-    let stopped = proxy.begin_shutdown();
-    let result = tokio::time::timeout(WAIT, stopped)
-        .await
-        .expect("run returns")
-        .expect("no panic");
+    let run = proxy.begin_shutdown();
+    let result = stopped(run).await;
     assert!(
         matches!(
             result,

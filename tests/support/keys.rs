@@ -42,3 +42,16 @@ pub async fn three_keys(mock: &MockUpstream) -> Proxy {
     )
     .await
 }
+
+/// The proxy with key A serving `gpt-4o` and key B serving `whisper-1` and `gpt-4o-mini` on
+/// `mock`, and the test config after `tweak`: a pool routed by model.
+pub async fn routed_keys(mock: &MockUpstream, tweak: impl FnOnce(&mut Config)) -> Proxy {
+    start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["gpt-4o"]),
+            (KEY_B, mock.url(), vec!["whisper-1", "gpt-4o-mini"]),
+        ],
+        tweak,
+    )
+    .await
+}

@@ -15,5 +15,5 @@ pub mod observe;
 pub mod proxy_harness;
 pub mod time;
 
-pub use keys::{KEY_A, KEY_B, KEY_C, one_key, three_keys, two_keys};
+pub use keys::{KEY_A, KEY_B, KEY_C, one_key, routed_keys, three_keys, two_keys};
 pub use mock_upstream::{Behaviour, Call, MockUpstream};

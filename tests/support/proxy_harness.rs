@@ -310,6 +310,14 @@ impl Drop for Proxy {
     }
 }
 
+/// Waits (within [`WAIT`]) for `run` to return after [`Proxy::begin_shutdown`].
+pub async fn stopped(run: JoinHandle<Result<(), ServeError>>) -> Result<(), ServeError> {
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("run returns in time")
+        .expect("run does not panic")
+}
+
 /// Sends `request` with `client` and waits for the response head.
 pub async fn send_with(client: &HttpClient, request: Request<Full<Bytes>>) -> Response<Incoming> {
     tokio::time::timeout(WAIT, client.request(request))
