@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use key_cycle_proxy::core::{DisableReason, KeyStatus};
-use support::time::{advance, freeze, settled};
+use support::time::{advance, eventually, freeze, still_not};
 use support::{Behaviour, KEY_A, MockUpstream, one_key};
 
 /// The loop looks for due re-checks once a second.
@@ -29,7 +29,7 @@ async fn no_recheck_until(mock: &MockUpstream, since_rejection: &mut Duration, a
     advance(at - TICK - *since_rejection).await;
     *since_rejection = at - TICK;
     assert!(
-        !settled(|| rechecks(mock) > before).await,
+        still_not(|| rechecks(mock) > before).await,
         "a re-check before {at:?}"
     );
 }
@@ -54,7 +54,10 @@ async fn a_rejected_key_is_re_checked_by_the_server_and_comes_back() {
     no_recheck_until(&mock, &mut since, Duration::from_secs(60)).await;
     advance(TICK).await;
     since += TICK;
-    assert!(settled(|| rechecks(&mock) == 1).await, "re-checked at 60 s");
+    assert!(
+        eventually(|| rechecks(&mock) == 1).await,
+        "re-checked at 60 s"
+    );
     assert_eq!(proxy.key_status(KEY_A).0, KeyStatus::Disabled);
 
     // The next one waits twice as long: 120 s after the first.
@@ -63,11 +66,11 @@ async fn a_rejected_key_is_re_checked_by_the_server_and_comes_back() {
     assert_eq!(proxy.key_status(KEY_A).0, KeyStatus::Disabled);
     advance(TICK).await;
     assert!(
-        settled(|| rechecks(&mock) == 2).await,
+        eventually(|| rechecks(&mock) == 2).await,
         "re-checked at 180 s"
     );
     assert!(
-        settled(|| proxy.key_status(KEY_A).0 == KeyStatus::Available).await,
+        eventually(|| proxy.key_status(KEY_A).0 == KeyStatus::Available).await,
         "the key answered: back in rotation"
     );
 

@@ -11,7 +11,7 @@ use http::StatusCode;
 use key_cycle_proxy::server::serve::ServeError;
 use support::mock_upstream::sse_events;
 use support::proxy_harness::{Proxy, start_proxy};
-use support::time::{advance, finish, freeze, settled, still_running};
+use support::time::{advance, eventually, finish, freeze, still_running};
 use support::{Behaviour, KEY_A, MockUpstream};
 
 const GRACE_SECS: u64 = 2;
@@ -36,13 +36,13 @@ async fn work_that_outlives_the_grace_period_is_cut_when_it_is_up() {
     let request = proxy.chat_request("gpt-4o");
     let pending = tokio::spawn(async move { client.request(request).await });
     assert!(
-        settled(|| mock.calls().len() == 1).await,
+        eventually(|| mock.calls().len() == 1).await,
         "the request is upstream"
     );
 
     let stopped = proxy.begin_shutdown();
     assert!(
-        settled(|| proxy.app.readiness().is_err()).await,
+        eventually(|| proxy.app.readiness().is_err()).await,
         "the drain begins"
     );
     assert_eq!(
@@ -69,7 +69,7 @@ async fn work_that_outlives_the_grace_period_is_cut_when_it_is_up() {
     let (answer, _) = finish(pending, STEP, LIMIT).await;
     assert!(answer.is_err(), "no answer for a cut request: {answer:?}");
     assert!(
-        settled(|| mock.cancelled() == 1).await,
+        eventually(|| mock.cancelled() == 1).await,
         "the upstream request is dropped"
     );
     assert_eq!(mock.calls().len(), 1);
@@ -89,7 +89,7 @@ async fn a_stream_that_ends_within_the_grace_period_is_served_whole() {
     );
     let mut proxy = proxy_with_grace(&mock).await;
     let pending = proxy.spawn(proxy.stream_request("gpt-4o"));
-    assert!(settled(|| mock.calls().len() == 1).await);
+    assert!(eventually(|| mock.calls().len() == 1).await);
 
     let stopped = proxy.begin_shutdown();
     // Five intervals (1.5 s) of stream left: within the 2 s grace period.
@@ -102,7 +102,7 @@ async fn a_stream_that_ends_within_the_grace_period_is_served_whole() {
         "the stream in flight completes"
     );
     assert!(
-        settled(|| stopped.is_finished()).await,
+        eventually(|| stopped.is_finished()).await,
         "run returns once drained, without waiting out the grace period"
     );
     let result = stopped.await.expect("no panic");

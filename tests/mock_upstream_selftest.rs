@@ -16,7 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use support::mock_upstream::{COMPLETION_TEXT, mask_key, sse_events};
-use support::time::{advance, freeze, settled};
+use support::time::{advance, eventually, freeze, still_not};
 use support::{Behaviour, MockUpstream};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -339,20 +339,20 @@ async fn stream_arrives_frame_by_frame() {
     });
     let count = || arrived.lock().expect("not poisoned").len();
     // One event at once, then one per interval of paused time, never earlier.
-    assert!(settled(|| count() == 1).await, "the first event at once");
+    assert!(eventually(|| count() == 1).await, "the first event at once");
     for n in 2..=4 {
         advance(interval - Duration::from_millis(1)).await;
         assert!(
-            !settled(|| count() == n).await,
+            still_not(|| count() == n).await,
             "event {n} before its interval"
         );
         advance(Duration::from_millis(1)).await;
         assert!(
-            settled(|| count() == n).await,
+            eventually(|| count() == n).await,
             "event {n} after its interval"
         );
     }
-    assert!(settled(|| reader.is_finished()).await, "the stream ends");
+    assert!(eventually(|| reader.is_finished()).await, "the stream ends");
     let frames = arrived.lock().expect("not poisoned").clone();
     let received: Vec<u8> = frames.concat();
     let expected: Vec<u8> = sse_events("gpt-4o", 3).concat();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::proxy_harness::WAIT;
-use support::time::{advance, finish, freeze, settled, still_running};
+use support::time::{advance, finish, freeze, settle, still_running};
 use support::{Behaviour, MockUpstream, routed_keys};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -89,12 +89,13 @@ const STEP: Duration = Duration::from_millis(1);
 /// not a millisecond less, then the server ends it; what the server sent.
 ///
 /// The server's timer starts when it has accepted the connection, which the test cannot
-/// observe: the clock stands still until then (the runtime is given `support::time::SETTLE` of real time)
+/// observe: the clock stands still until then (the runtime is given `support::time::SETTLE` of real
+/// time)
 /// and an accept later than that would only make the close later. Hence the exact lower
 /// bound and the loose upper one.
 async fn stall(addr: SocketAddr, bytes: &[u8]) -> RawReply {
     let pending = spawn_raw_exchange(addr, bytes).await;
-    settled(|| false).await;
+    settle().await;
     advance(Duration::from_millis(SLOW_CLIENT_MS) - STEP).await;
     let shown = String::from_utf8_lossy(bytes).into_owned();
     assert!(

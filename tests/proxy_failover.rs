@@ -11,7 +11,7 @@ use support::proxy_harness::{
     Proxy, Reply, client, closed_port_url, loaded_config, read, resolved_key, send_with,
     start_loaded, start_proxy,
 };
-use support::time::{advance, finish, freeze, settled, still_running};
+use support::time::{advance, eventually, finish, freeze, still_running};
 use support::{Behaviour, KEY_A, KEY_B, MockUpstream, two_keys};
 
 /// Steps of paused time for requests that only back off between tries.
@@ -188,7 +188,7 @@ async fn hanging_upstream_ends_in_504_and_is_cancelled() {
     })
     .await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| mock.calls_for(KEY_A) == 1).await);
+    assert!(eventually(|| mock.calls_for(KEY_A) == 1).await);
     advance(Duration::from_millis(199)).await;
     assert!(still_running(&pending).await, "the first try has 200 ms");
     assert_eq!(mock.calls_for(KEY_A), 1);
@@ -221,7 +221,7 @@ async fn all_keys_briefly_rate_limited_means_waiting_then_success() {
     mock.script(KEY_B, vec![limited]);
     let proxy = two_keys(&mock, |config| config.rate_limit.max_wait_ms = 2_000).await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| mock.calls().len() == 2).await);
+    assert!(eventually(|| mock.calls().len() == 2).await);
     advance(Duration::from_millis(299)).await;
     assert!(still_running(&pending).await, "both keys rest for 300 ms");
     assert_eq!(mock.calls().len(), 2);
@@ -245,7 +245,10 @@ async fn all_keys_rate_limited_for_long_means_429_with_retry_after() {
     mock.set_default(Behaviour::rate_limited_secs(30));
     let proxy = two_keys(&mock, |_| {}).await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| pending.is_finished()).await, "no pointless wait");
+    assert!(
+        eventually(|| pending.is_finished()).await,
+        "no pointless wait"
+    );
     let reply = pending.await.expect("no panic");
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(reply.error_code(), "rate_limit_exceeded");
@@ -280,7 +283,10 @@ async fn a_full_wait_queue_answers_429_at_once() {
     });
     let proxy = two_keys(&mock, |config| config.rate_limit.max_queue = 0).await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| pending.is_finished()).await, "answered at once");
+    assert!(
+        eventually(|| pending.is_finished()).await,
+        "answered at once"
+    );
     let reply = pending.await.expect("no panic");
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(reply.header("retry-after"), Some("1"));
@@ -338,7 +344,7 @@ async fn a_503_retry_after_within_the_cap_is_waited_out() {
     })
     .await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| mock.calls().len() == 1).await);
+    assert!(eventually(|| mock.calls().len() == 1).await);
     advance(Duration::from_millis(999)).await;
     assert!(still_running(&pending).await, "Retry-After honoured");
     assert_eq!(mock.calls().len(), 1);
@@ -364,7 +370,7 @@ async fn a_503_retry_after_beyond_the_cap_is_passed_through() {
     let proxy = two_keys(&mock, |_| {}).await;
     let pending = proxy.spawn_chat("gpt-4o");
     assert!(
-        settled(|| pending.is_finished()).await,
+        eventually(|| pending.is_finished()).await,
         "passed through at once"
     );
     let reply = pending.await.expect("no panic");
@@ -403,7 +409,7 @@ async fn a_retry_waits_for_a(keys: [(&str, Option<u32>, u32); 2]) {
     let proxy = paced_keys(&mock, keys).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(settled(|| mock.calls().len() == 2).await);
+    assert!(eventually(|| mock.calls().len() == 2).await);
     advance(Duration::from_millis(990)).await;
     assert!(
         still_running(&pending).await,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::proxy_harness::{Proxy, Reply, start_proxy};
-use support::time::{advance, finish, freeze, settled, still_running};
+use support::time::{advance, eventually, finish, freeze, still_running};
 use support::{Behaviour, KEY_A, KEY_B, MockUpstream, two_keys};
 use tokio::task::JoinHandle;
 
@@ -19,7 +19,7 @@ const LIMIT: Duration = Duration::from_secs(5);
 async fn served_at_once(proxy: &Proxy, n: usize) {
     let pending: Vec<JoinHandle<Reply>> = (0..n).map(|_| proxy.spawn_chat("gpt-4o")).collect();
     assert!(
-        settled(|| pending.iter().all(JoinHandle::is_finished)).await,
+        eventually(|| pending.iter().all(JoinHandle::is_finished)).await,
         "{n} requests served at once"
     );
     for reply in pending {
@@ -98,7 +98,7 @@ async fn a_wait_beyond_max_wait_is_refused_at_once_with_retry_after() {
     served_at_once(&proxy, 1).await;
     let pending = proxy.spawn_chat("gpt-4o");
     assert!(
-        settled(|| pending.is_finished()).await,
+        eventually(|| pending.is_finished()).await,
         "refused without a wait"
     );
     let reply = pending.await.expect("no panic");

@@ -12,7 +12,7 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use support::mock_upstream::sse_events;
 use support::proxy_harness::start_proxy;
-use support::time::{advance, finish, freeze, settled, still_running};
+use support::time::{advance, eventually, finish, freeze, still_running};
 use support::{Behaviour, KEY_A, MockUpstream};
 
 const STEP: Duration = Duration::from_millis(1);
@@ -50,7 +50,7 @@ async fn connect_timeout_ends_an_attempt_that_cannot_connect() {
     .await;
     let pending = proxy.spawn_chat("gpt-4o");
     // The attempt's connect timer started before the TCP connection the upstream accepts.
-    assert!(settled(|| accepted.load(Ordering::SeqCst) == 1).await);
+    assert!(eventually(|| accepted.load(Ordering::SeqCst) == 1).await);
     advance(Duration::from_millis(299)).await;
     assert!(
         still_running(&pending).await,
@@ -101,7 +101,7 @@ async fn stream_idle_timeout_cuts_a_stalled_stream_after_exactly_the_idle_time()
     let first = sse_events("gpt-4o", 3)[0].clone();
     let arrived = || received.lock().expect("not poisoned").len();
     assert!(
-        settled(|| arrived() == first.len()).await,
+        eventually(|| arrived() == first.len()).await,
         "the first event"
     );
     advance(Duration::from_millis(499)).await;
@@ -117,7 +117,7 @@ async fn stream_idle_timeout_cuts_a_stalled_stream_after_exactly_the_idle_time()
     assert_eq!(ended, "error", "a cut stream must not look complete");
     assert_eq!(*received.lock().expect("not poisoned"), first.to_vec());
     assert!(
-        settled(|| mock.cancelled() == 1).await,
+        eventually(|| mock.cancelled() == 1).await,
         "the upstream stream is dropped"
     );
     assert_eq!(

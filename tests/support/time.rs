@@ -18,10 +18,13 @@ use std::time::Duration;
 /// Real time after which a freeze lets go of the clock.
 pub const REAL_TIME_BOUND: Duration = Duration::from_secs(30);
 
-/// Real time given to the runtime to finish what loopback I/O it has in hand. Only used
-/// before asserting that something has NOT happened yet; a slow machine can make such a
-/// check pass wrongly, never fail wrongly.
-pub const SETTLE: Duration = Duration::from_millis(50);
+/// Real time after which a condition that has not come true is taken as "not yet": the
+/// runtime has had this long to handle the loopback I/O in hand, the clock standing still.
+/// A machine too slow for that can only make a "not yet" check pass wrongly, never fail.
+pub const SETTLE: Duration = Duration::from_millis(200);
+
+/// Real time a test waits for something that must happen without time moving.
+pub const EVENTUALLY: Duration = Duration::from_secs(10);
 
 /// Holds a paused clock still while alive; see the module docs.
 #[must_use = "the clock moves again once this is dropped"]
@@ -43,10 +46,10 @@ pub async fn advance(by: Duration) {
     tokio::time::advance(by).await;
 }
 
-/// Lets the runtime handle the loopback I/O in flight, the clock still, until `done` holds
-/// or [`SETTLE`] of real time has passed; whether `done` holds.
-pub async fn settled(done: impl Fn() -> bool) -> bool {
-    for _ in 0..SETTLE.as_millis() {
+/// Polls `done` every millisecond of real time, the clock still, for at most `within`;
+/// whether it came true.
+async fn poll_for(within: Duration, done: impl Fn() -> bool) -> bool {
+    for _ in 0..within.as_millis() {
         if done() {
             return true;
         }
@@ -57,10 +60,25 @@ pub async fn settled(done: impl Fn() -> bool) -> bool {
     done()
 }
 
+/// Whether `done` comes true without time moving, within [`EVENTUALLY`] of real time.
+pub async fn eventually(done: impl Fn() -> bool) -> bool {
+    poll_for(EVENTUALLY, done).await
+}
+
+/// Whether `happened` is still false after [`SETTLE`], the clock still.
+pub async fn still_not(happened: impl Fn() -> bool) -> bool {
+    !poll_for(SETTLE, happened).await
+}
+
+/// Gives the runtime [`SETTLE`] of real time, the clock still.
+pub async fn settle() {
+    poll_for(SETTLE, || false).await;
+}
+
 /// Advances in `step`s until `done` holds, at most `limit` in all; the time advanced.
 pub async fn advance_until(step: Duration, limit: Duration, done: impl Fn() -> bool) -> Duration {
     let mut advanced = Duration::ZERO;
-    while !settled(&done).await {
+    while !poll_for(SETTLE, &done).await {
         assert!(advanced < limit, "not done after advancing {advanced:?}");
         advance(step).await;
         advanced += step;
@@ -80,7 +98,7 @@ pub async fn finish<T>(
     (output, advanced)
 }
 
-/// Whether `task` is still running after the runtime has settled, the clock still.
+/// Whether `task` is still running after [`SETTLE`], the clock still.
 pub async fn still_running<T>(task: &tokio::task::JoinHandle<T>) -> bool {
-    !settled(|| task.is_finished()).await
+    still_not(|| task.is_finished()).await
 }
