@@ -660,3 +660,114 @@ fn a_key_picked_twice_before_limits_are_learned_is_not_starved_after() {
         p.snapshot(t0)[0]
     );
 }
+
+#[test]
+fn snapshot_and_counts_report_each_keys_state() {
+    let p = pool(
+        vec![
+            key("cool", &["others"]),
+            key("gone", &["others"]),
+            key("fast", &["others"]),
+            key("idle", &["others"]),
+            key("open", &["others"]),
+        ],
+        Strategy::RoundRobin,
+    );
+    let mut rng = SplitMix64::new(1);
+    let t0 = Time::from_secs(100);
+    lease_on(&p, "cool", t0, &mut rng).record(
+        Outcome::RateLimited {
+            limits: RateLimitHeaders {
+                retry_after: Some(Duration::from_secs(30)),
+                ..RateLimitHeaders::default()
+            },
+        },
+        t0,
+    );
+    lease_on(&p, "gone", t0, &mut rng).record(
+        Outcome::KeyRejected {
+            reason: DisableReason::Unauthorized,
+        },
+        t0,
+    );
+    lease_on(&p, "fast", t0, &mut rng).record(
+        Outcome::Success {
+            latency: Duration::from_millis(250),
+            limits: RateLimitHeaders::default(),
+        },
+        t0,
+    );
+    let now = t0 + Duration::from_secs(10);
+    // Five failures a second ago open the circuit for at least 2.5 s.
+    let failed = now - Duration::from_secs(1);
+    for _ in 0..5 {
+        lease_on(&p, "open", failed, &mut rng).record(
+            Outcome::Upstream {
+                failure: UpstreamFailure::Status(502),
+                retry_after: None,
+            },
+            failed,
+        );
+    }
+    let snapshot = p.snapshot(now);
+    let of = |name: &str| {
+        snapshot
+            .iter()
+            .find(|k| k.name == name)
+            .unwrap_or_else(|| panic!("{name} in the snapshot"))
+    };
+    let cool = of("cool");
+    assert_eq!(
+        (cool.status, cool.blocked_secs),
+        (KeyStatus::Cooling, Some(20.0))
+    );
+    assert_eq!(cool.outcomes.rate_limited, 1);
+    let gone = of("gone");
+    assert_eq!(gone.status, KeyStatus::Disabled);
+    assert_eq!(gone.disabled_reason, Some(DisableReason::Unauthorized));
+    assert_eq!(gone.blocked_secs, None, "no end to a disable");
+    assert_eq!(
+        gone.next_probe_secs,
+        Some(50.0),
+        "a minute after the rejection"
+    );
+    let fast = of("fast");
+    assert_eq!(fast.status, KeyStatus::Available);
+    assert_eq!(fast.blocked_secs, Some(0.0));
+    let latency = fast.latency_ms.expect("a latency sample");
+    // Decayed over 10 s with a 10 s time constant: 250 ms / e.
+    assert!(
+        (latency - 250.0 / std::f64::consts::E).abs() < 1e-6,
+        "{latency}"
+    );
+    assert_eq!(of("idle").latency_ms, None);
+    assert_eq!(of("idle").next_probe_secs, None);
+    assert_eq!(of("open").status, KeyStatus::CircuitOpen);
+
+    let counts = p.counts(now);
+    assert_eq!(
+        (
+            counts.total,
+            counts.available,
+            counts.cooling,
+            counts.disabled,
+            counts.circuit_open,
+            counts.limited,
+            counts.throttled
+        ),
+        (5, 2, 1, 1, 1, 0, 0)
+    );
+    assert_eq!(p.throttled_groups(now), 0);
+    let labels: Vec<&str> = KeyStatus::ALL.iter().map(|s| s.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "available",
+            "cooling",
+            "limited",
+            "circuit_open",
+            "throttled",
+            "disabled"
+        ]
+    );
+}
