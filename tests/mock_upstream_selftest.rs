@@ -3,7 +3,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use support::mock_upstream::{COMPLETION_TEXT, mask_key, sse_events};
+use support::time::{advance, eventually, freeze, still_not};
 use support::{Behaviour, MockUpstream};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -313,8 +314,9 @@ async fn ok_answers_each_endpoint_in_openai_shape() {
     assert_eq!(mock.calls().len(), 7);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stream_arrives_frame_by_frame() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     let interval = Duration::from_millis(20);
     mock.set_default(Behaviour::Stream {
@@ -325,20 +327,33 @@ async fn stream_arrives_frame_by_frame() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(header(&response, "content-type"), Some("text/event-stream"));
 
+    let arrived = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+    let sink = Arc::clone(&arrived);
     let mut body = response.into_body();
-    let mut frames = Vec::new();
-    let started = Instant::now();
-    while let Some(frame) = tokio::time::timeout(WAIT, body.frame())
-        .await
-        .expect("frame in time")
-    {
-        if let Ok(data) = frame.expect("clean stream").into_data() {
-            frames.push(data);
+    let reader = tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("clean stream").into_data() {
+                sink.lock().expect("not poisoned").push(data);
+            }
         }
+    });
+    let count = || arrived.lock().expect("not poisoned").len();
+    // One event at once, then one per interval of paused time, never earlier.
+    assert!(eventually(|| count() == 1).await, "the first event at once");
+    for n in 2..=4 {
+        advance(interval - Duration::from_millis(1)).await;
+        assert!(
+            still_not(|| count() == n).await,
+            "event {n} before its interval"
+        );
+        advance(Duration::from_millis(1)).await;
+        assert!(
+            eventually(|| count() == n).await,
+            "event {n} after its interval"
+        );
     }
-
-    assert!(frames.len() >= 2, "one frame per event, got {frames:?}");
-    assert!(started.elapsed() >= interval * 3, "events are paced");
+    assert!(eventually(|| reader.is_finished()).await, "the stream ends");
+    let frames = arrived.lock().expect("not poisoned").clone();
     let received: Vec<u8> = frames.concat();
     let expected: Vec<u8> = sse_events("gpt-4o", 3).concat();
     assert_eq!(received, expected);

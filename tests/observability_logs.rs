@@ -3,7 +3,6 @@
 //! This binary installs one process-wide JSON subscriber at `info` that captures every line;
 //! tests run in parallel, so each one picks out its own lines by request id.
 
-mod observability_support;
 mod support;
 
 use std::time::Duration;
@@ -11,14 +10,11 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use key_cycle_proxy::server::observe::access_log;
-use observability_support::{Captured, capture_logs, named_keys};
 use serde_json::Value;
 use support::mock_upstream::sse_events;
+use support::observe::{Captured, capture_logs, named_keys};
 use support::proxy_harness::{Proxy, Reply, WAIT, read, start_loaded};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-logs-alpha-00000001";
-const KEY_B: &str = "sk-test-logs-bravo-00000002";
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
 
 const GPT_4O: &[&str] = &["gpt-4o"];
 const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;

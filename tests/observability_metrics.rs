@@ -1,7 +1,6 @@
 //! End-to-end: the metrics on `/metrics` after scripted scenarios, with exact names, labels and
 //! values.
 
-mod observability_support;
 mod support;
 
 use std::time::Duration;
@@ -11,18 +10,27 @@ use http_body_util::BodyExt;
 use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::cli::Cli;
 use key_cycle_proxy::server::config;
-use observability_support::{named_keys, scrape, series, value};
+use support::observe::{named_keys, scrape, series, value};
 use support::proxy_harness::{Proxy, WAIT, closed_port_url, read, start_app, start_loaded};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-metrics-alpha-0001";
-const KEY_B: &str = "sk-test-metrics-bravo-0002";
-const KEY_C: &str = "sk-test-metrics-charlie-03";
+use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream};
 
 const GPT_4O: &[&str] = &["gpt-4o"];
 
 async fn proxy_of(url: &str, keys: &[(&str, &str, &[&str])]) -> Proxy {
     start_loaded(named_keys(url, keys, |_| {})).await
+}
+
+/// Keys a, b and c on `mock` serving `gpt-4o`, in that order, after `tweak`.
+fn abc(mock: &MockUpstream, tweak: impl FnOnce(&mut config::Config)) -> config::LoadedConfig {
+    named_keys(
+        &mock.url(),
+        &[
+            ("a", KEY_A, GPT_4O),
+            ("b", KEY_B, GPT_4O),
+            ("c", KEY_C, GPT_4O),
+        ],
+        tweak,
+    )
 }
 
 #[tokio::test]
@@ -129,16 +137,7 @@ async fn key_rejections_and_server_errors_are_counted_by_outcome_and_reason() {
     let mock = MockUpstream::start().await;
     mock.set(KEY_A, Behaviour::Unauthorized);
     mock.set(KEY_B, Behaviour::InsufficientQuota);
-    let proxy = start_loaded(named_keys(
-        &mock.url(),
-        &[
-            ("a", KEY_A, GPT_4O),
-            ("b", KEY_B, GPT_4O),
-            ("c", KEY_C, GPT_4O),
-        ],
-        |config| config.upstream.max_retries = 2,
-    ))
-    .await;
+    let proxy = start_loaded(abc(&mock, |config| config.upstream.max_retries = 2)).await;
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     mock.script(KEY_C, vec![Behaviour::status(500), Behaviour::Ok]);
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
@@ -179,18 +178,10 @@ async fn connect_errors_are_retried_and_a_post_timeout_is_not() {
     let mock = MockUpstream::start().await;
     mock.set(KEY_B, Behaviour::Hang);
     let closed = closed_port_url().await;
-    let mut loaded = named_keys(
-        &mock.url(),
-        &[
-            ("a", KEY_A, GPT_4O),
-            ("b", KEY_B, GPT_4O),
-            ("c", KEY_C, GPT_4O),
-        ],
-        |config| {
-            config.upstream.max_retries = 2;
-            config.upstream.request_timeout_ms = 300;
-        },
-    );
+    let mut loaded = abc(&mock, |config| {
+        config.upstream.max_retries = 2;
+        config.upstream.request_timeout_ms = 300;
+    });
     loaded.keys[0].url = closed;
     let proxy = start_loaded(loaded).await;
     // The POST that timed out on b may have been billed: it is not sent again.

@@ -9,7 +9,6 @@
 //! distinctive (`sk-live-SECRET-<random>`), so a substring check is meaningful; at the end no
 //! secret may appear in full anywhere that was collected.
 
-mod observability_support;
 mod support;
 
 use std::collections::hash_map::RandomState;
@@ -26,7 +25,7 @@ use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::cli::Cli;
 use key_cycle_proxy::server::config;
 use key_cycle_proxy::server::observe::logging;
-use observability_support::{Captured, capture_logs, scrape};
+use support::observe::{Captured, capture_logs, scrape};
 use support::proxy_harness::{Proxy, Reply, closed_port_url, read, send_with, start_app};
 use support::{Behaviour, MockUpstream};
 

@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use http_body_util::Full;
 use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::core::Strategy;
 use key_cycle_proxy::server::config::Config;
 use serde_json::Value;
 use support::proxy_harness::{Proxy, Reply, loaded_config, read, start_loaded, start_proxy};
-use support::{Behaviour, MockUpstream};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream, one_key};
 
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-beta-0000000000002";
 const CLIENT_KEY: &str = "kcp-client-key-7d2e91f0c4";
 const OTHER_CLIENT_KEY: &str = "kcp-client-key-other-3a8b";
 const ADMIN_TOKEN: &str = "admin-token-access-0f4c2b7e91";
@@ -35,19 +32,6 @@ async fn chat_with(proxy: &Proxy, headers: &[(&str, &str)]) -> Reply {
     all.extend_from_slice(headers);
     proxy
         .call(proxy.request(Method::POST, "/v1/chat/completions", &all, CHAT))
-        .await
-}
-
-/// A request to the metrics listener, with `token` as the admin bearer token.
-async fn admin(proxy: &Proxy, method: Method, path: &str, token: Option<&str>) -> Reply {
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(proxy.metrics_url(path));
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    proxy
-        .call(request.body(Full::new(Bytes::new())).expect("request"))
         .await
 }
 
@@ -260,7 +244,7 @@ async fn responses_and_errors_carry_cors_headers_for_allowed_origins() {
     assert!(foreign.header("access-control-allow-origin").is_none());
     assert!(foreign.header("access-control-allow-credentials").is_none());
 
-    let default = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    let default = one_key(&mock).await;
     let any = default
         .call(default.request(
             Method::POST,
@@ -350,10 +334,12 @@ async fn a_stream_holds_its_inflight_slot_until_its_last_byte() {
 async fn the_admin_api_is_off_without_a_token_and_not_on_the_client_listener() {
     let mock = MockUpstream::start().await;
     let proxy = two_named_keys(&mock, None).await;
-    let off = admin(&proxy, Method::GET, "/admin/keys", Some("anything")).await;
+    let off = proxy
+        .admin(Method::GET, "/admin/keys", Some("anything"))
+        .await;
     assert_eq!(off.status, StatusCode::NOT_FOUND);
     assert!(!off.text().contains("alpha"), "{}", off.text());
-    let reload = admin(&proxy, Method::POST, "/admin/reload", None).await;
+    let reload = proxy.admin(Method::POST, "/admin/reload", None).await;
     assert_eq!(reload.status, StatusCode::NOT_FOUND);
 
     let with_token = two_named_keys(&mock, Some(ADMIN_TOKEN)).await;
@@ -388,7 +374,7 @@ async fn the_admin_api_needs_its_token() {
             (Method::POST, "/admin/keys/alpha/disable"),
             (Method::POST, "/admin/reload"),
         ] {
-            let reply = admin(&proxy, method, path, token).await;
+            let reply = proxy.admin(method, path, token).await;
             assert_eq!(
                 reply.status,
                 StatusCode::UNAUTHORIZED,
@@ -412,7 +398,9 @@ async fn the_admin_api_needs_its_token() {
 async fn the_admin_api_lists_keys_without_secrets_and_steers_routing() {
     let mock = MockUpstream::start().await;
     let proxy = two_named_keys(&mock, Some(ADMIN_TOKEN)).await;
-    let listed = admin(&proxy, Method::GET, "/admin/keys", Some(ADMIN_TOKEN)).await;
+    let listed = proxy
+        .admin(Method::GET, "/admin/keys", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(listed.status, StatusCode::OK);
     assert_no_secret(listed.text());
     let keys: Vec<Value> = listed.json()["keys"].as_array().expect("keys").clone();
@@ -421,13 +409,9 @@ async fn the_admin_api_lists_keys_without_secrets_and_steers_routing() {
     assert_eq!(keys[0]["fingerprint"], Secret::new(KEY_A).fingerprint());
     assert_eq!(keys[1]["fingerprint"], Secret::new(KEY_B).fingerprint());
 
-    let disabled = admin(
-        &proxy,
-        Method::POST,
-        "/admin/keys/alpha/disable",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let disabled = proxy
+        .admin(Method::POST, "/admin/keys/alpha/disable", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.text());
     assert_eq!(disabled.json()["status"], "disabled");
     for _ in 0..4 {
@@ -436,13 +420,9 @@ async fn the_admin_api_lists_keys_without_secrets_and_steers_routing() {
     assert_eq!(mock.calls_for(KEY_A), 0, "a disabled key gets no calls");
     assert_eq!(mock.calls_for(KEY_B), 4);
 
-    let enabled = admin(
-        &proxy,
-        Method::POST,
-        "/admin/keys/alpha/enable",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let enabled = proxy
+        .admin(Method::POST, "/admin/keys/alpha/enable", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(enabled.status, StatusCode::OK);
     assert_eq!(enabled.json()["status"], "available");
     for _ in 0..4 {
@@ -450,17 +430,13 @@ async fn the_admin_api_lists_keys_without_secrets_and_steers_routing() {
     }
     assert_eq!(mock.calls_for(KEY_A), 2, "round robin again");
 
-    let unknown = admin(
-        &proxy,
-        Method::POST,
-        "/admin/keys/gamma/disable",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let unknown = proxy
+        .admin(Method::POST, "/admin/keys/gamma/disable", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     assert_eq!(unknown.error_code(), "key_not_found");
 
-    let metrics = admin(&proxy, Method::GET, "/metrics", None).await;
+    let metrics = proxy.admin(Method::GET, "/metrics", None).await;
     assert_eq!(metrics.status, StatusCode::OK, "metrics need no token");
     assert_no_secret(metrics.text());
 }

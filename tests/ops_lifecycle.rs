@@ -2,55 +2,23 @@
 //! `POST /admin/reload` after the config file changed on disk. SIGHUP reloads are in
 //! `ops_sighup.rs`, alone in their process.
 
-#[path = "ops_support/config_file.rs"]
-mod config_file;
 mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use config_file::{ADMIN_TOKEN, ConfigFile, config_toml};
 use http::{Method, StatusCode};
 use serde_json::Value;
+use support::config_file::{ADMIN_TOKEN, ConfigFile, config_toml};
 use support::mock_upstream::sse_events;
-use support::proxy_harness::{Proxy, Reply, WAIT, read, start_app, start_proxy};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-beta-0000000000002";
-const KEY_C: &str = "sk-test-gamma-000000000003";
-
-fn stream_request(proxy: &Proxy) -> http::Request<http_body_util::Full<Bytes>> {
-    proxy.request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
-    )
-}
-
-/// `method path` on the admin listener with the admin token.
-async fn admin(proxy: &Proxy, method: Method, path: &str) -> Reply {
-    let request = http::Request::builder()
-        .method(method)
-        .uri(proxy.metrics_url(path))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(http_body_util::Full::new(Bytes::new()))
-        .expect("request");
-    proxy.call(request).await
-}
-
-/// `GET url`.
-async fn get(proxy: &Proxy, url: &str) -> Reply {
-    let request = http::Request::get(url)
-        .body(http_body_util::Full::new(Bytes::new()))
-        .expect("request");
-    proxy.call(request).await
-}
+use support::proxy_harness::{Proxy, WAIT, read, start_app, start_proxy, stopped};
+use support::{Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key};
 
 /// `GET /admin/keys`, by key name.
 async fn key_states(proxy: &Proxy) -> Vec<(String, Value)> {
-    let reply = admin(proxy, Method::GET, "/admin/keys").await;
+    let reply = proxy
+        .admin(Method::GET, "/admin/keys", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let keys = reply.json()["keys"].as_array().expect("a key list").clone();
     keys.into_iter()
@@ -75,7 +43,7 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
             interval: Duration::from_millis(30),
         },
     );
-    let mut proxy = start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await;
+    let mut proxy = one_key(&mock).await;
     assert_eq!(
         proxy
             .call(proxy.request(Method::GET, "/ready", &[], Bytes::new()))
@@ -83,10 +51,10 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
             .status,
         StatusCode::OK
     );
-    let response = proxy.send(stream_request(&proxy)).await;
+    let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
 
-    let stopped = proxy.begin_shutdown();
+    let run = proxy.begin_shutdown();
     tokio::time::timeout(WAIT, proxy.app.drain_begun())
         .await
         .expect("the drain begins");
@@ -94,16 +62,15 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
         tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
         "a new connection is refused while the stream drains"
     );
-    let ready = get(&proxy, &proxy.metrics_url("/ready")).await;
+    let ready = proxy.get_url(&proxy.metrics_url("/ready")).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        ready.json()["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("draining")),
+    assert_eq!(
+        ready.json()["reason"],
+        "draining: the proxy is shutting down",
         "{}",
         ready.text()
     );
-    assert!(!stopped.is_finished(), "the stream is still in flight");
+    assert!(!run.is_finished(), "the stream is still in flight");
 
     let reply = read(response).await;
     assert_eq!(
@@ -111,10 +78,7 @@ async fn during_the_drain_new_connections_are_refused_and_ready_is_503() {
         Bytes::from(sse_events("gpt-4o", 40).concat()),
         "the stream in flight completes"
     );
-    let result = tokio::time::timeout(WAIT, stopped)
-        .await
-        .expect("run returns once drained")
-        .expect("no panic");
+    let result = stopped(run).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(
         tokio::net::TcpStream::connect(proxy.metrics_addr)
@@ -140,7 +104,9 @@ async fn admin_reload_keeps_key_state_adds_keys_and_refuses_a_bad_file() {
         assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     }
     assert_eq!(mock.calls_for(KEY_A), 1, "round robin tried alpha once");
-    let disabled = admin(&proxy, Method::POST, "/admin/keys/beta/disable").await;
+    let disabled = proxy
+        .admin(Method::POST, "/admin/keys/beta/disable", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.text());
     let before = key_states(&proxy).await;
     assert_eq!(status_of(&before, "alpha"), "cooling");
@@ -155,7 +121,9 @@ async fn admin_reload_keeps_key_state_adds_keys_and_refuses_a_bad_file() {
         &[("alpha", KEY_A), ("beta", KEY_B), ("gamma", KEY_C)],
         "",
     ));
-    let reloaded = admin(&proxy, Method::POST, "/admin/reload").await;
+    let reloaded = proxy
+        .admin(Method::POST, "/admin/reload", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(reloaded.status, StatusCode::OK, "{}", reloaded.text());
     assert_eq!(reloaded.json()["keys"], 3);
     let after = key_states(&proxy).await;
@@ -180,7 +148,9 @@ async fn admin_reload_keeps_key_state_adds_keys_and_refuses_a_bad_file() {
     assert_eq!(mock.calls().len(), calls + 3);
 
     file.write("[server]\nbind_addr = 8080\nno_such_setting = true\n");
-    let refused = admin(&proxy, Method::POST, "/admin/reload").await;
+    let refused = proxy
+        .admin(Method::POST, "/admin/reload", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert_eq!(refused.error_code(), "reload_failed");
     assert!(
@@ -208,7 +178,7 @@ async fn a_request_in_flight_finishes_on_a_key_that_a_reload_removes() {
     );
     let file = ConfigFile::new(&config_toml(&mock.url(), &[("alpha", KEY_A)], ""));
     let proxy = start_app(file.app()).await;
-    let response = proxy.send(stream_request(&proxy)).await;
+    let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
 
     file.write(&config_toml(&mock.url(), &[("gamma", KEY_C)], ""));
@@ -241,7 +211,9 @@ allowed_origins = ["https://app.example.com"]
         "graceful_shutdown_seconds = 5\nrequest_body_limit_bytes = 64",
     );
     file.write(&toml);
-    let reloaded = admin(&proxy, Method::POST, "/admin/reload").await;
+    let reloaded = proxy
+        .admin(Method::POST, "/admin/reload", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(reloaded.status, StatusCode::OK, "{}", reloaded.text());
 
     let anonymous = proxy.chat("gpt-4o").await;
@@ -278,7 +250,9 @@ async fn a_server_built_in_code_refuses_to_reload() {
         config.observability.admin_token = Some(key_cycle_proxy::core::Secret::new(ADMIN_TOKEN));
     })
     .await;
-    let refused = admin(&proxy, Method::POST, "/admin/reload").await;
+    let refused = proxy
+        .admin(Method::POST, "/admin/reload", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert_eq!(refused.error_code(), "reload_failed");
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);

@@ -6,16 +6,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::proxy_harness::{Proxy, WAIT, start_proxy};
-use support::{Behaviour, MockUpstream};
+use support::proxy_harness::WAIT;
+use support::time::{advance, finish, freeze, settle, still_running};
+use support::{Behaviour, MockUpstream, routed_keys};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-beta-0000000000002";
 
 /// The short client timeouts of these tests.
 const SLOW_CLIENT_MS: u64 = 200;
@@ -23,8 +21,6 @@ const SLOW_CLIENT_MS: u64 = 200;
 /// What a raw client read before the server closed the connection (or sent a whole response).
 struct RawReply {
     bytes: Vec<u8>,
-    /// How long after the last byte written the read ended.
-    waited: Duration,
 }
 
 impl RawReply {
@@ -50,7 +46,11 @@ impl RawReply {
 async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawReply {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(bytes).await.expect("write");
-    let written = Instant::now();
+    read_until_closed(tcp).await
+}
+
+/// Reads until the server closes the connection (bounded by [`WAIT`]).
+async fn read_until_closed(mut tcp: TcpStream) -> RawReply {
     let mut read = Vec::new();
     let outcome = tokio::time::timeout(WAIT, async {
         let mut buf = [0u8; 4096];
@@ -63,24 +63,47 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawReply {
     })
     .await;
     assert!(outcome.is_ok(), "the server kept the connection open");
-    RawReply {
-        bytes: read,
-        waited: written.elapsed(),
-    }
+    RawReply { bytes: read }
 }
 
-async fn routed_pool(
-    mock: &MockUpstream,
-    tweak: impl FnOnce(&mut key_cycle_proxy::server::config::Config),
-) -> Proxy {
-    start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["gpt-4o"]),
-            (KEY_B, mock.url(), vec!["whisper-1", "gpt-4o-mini"]),
-        ],
-        tweak,
-    )
-    .await
+/// Writes `bytes` on a fresh connection to `addr` in a task of its own, for tests that move
+/// paused time while it runs: returns once the bytes are written; the task then reads until
+/// the server closes the connection.
+async fn spawn_raw_exchange(addr: SocketAddr, bytes: &[u8]) -> tokio::task::JoinHandle<RawReply> {
+    let bytes = bytes.to_vec();
+    let (written, wrote) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(&bytes).await.expect("write");
+        let _ = written.send(());
+        read_until_closed(tcp).await
+    });
+    wrote.await.expect("the bytes are written");
+    task
+}
+
+/// Steps of paused time in the slow-client tests.
+const STEP: Duration = Duration::from_millis(1);
+
+/// Sends `bytes` and stalls: the connection stays open for `SLOW_CLIENT_MS` of paused time,
+/// not a millisecond less, then the server ends it; what the server sent.
+///
+/// The server's timer starts when it has accepted the connection, which the test cannot
+/// observe: the clock stands still until then (the runtime is given `support::time::SETTLE` of real
+/// time)
+/// and an accept later than that would only make the close later. Hence the exact lower
+/// bound and the loose upper one.
+async fn stall(addr: SocketAddr, bytes: &[u8]) -> RawReply {
+    let pending = spawn_raw_exchange(addr, bytes).await;
+    settle().await;
+    advance(Duration::from_millis(SLOW_CLIENT_MS) - STEP).await;
+    let shown = String::from_utf8_lossy(bytes).into_owned();
+    assert!(
+        still_running(&pending).await,
+        "{shown:?}: closed before the timeout"
+    );
+    let (reply, _) = finish(pending, STEP, Duration::from_millis(SLOW_CLIENT_MS)).await;
+    reply
 }
 
 fn assert_openai_error(json: &serde_json::Value, code: &str) {
@@ -92,7 +115,7 @@ fn assert_openai_error(json: &serde_json::Value, code: &str) {
 #[tokio::test]
 async fn a_body_over_the_limit_is_413_whether_declared_or_chunked() {
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.request_body_limit_bytes = 1024;
     })
     .await;
@@ -126,7 +149,7 @@ async fn a_body_over_the_limit_is_413_whether_declared_or_chunked() {
 #[tokio::test]
 async fn a_head_over_max_header_bytes_is_431() {
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.max_header_bytes = 16_384;
     })
     .await;
@@ -167,30 +190,27 @@ async fn a_head_over_max_header_bytes_is_431() {
     assert_eq!(mock.calls().len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_client_stalling_mid_body_gets_408() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.body_read_timeout_ms = SLOW_CLIENT_MS;
     })
     .await;
     let request = "POST /v1/chat/completions HTTP/1.1\r\nhost: kcp\r\n\
                    content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":";
-    let reply = raw_exchange(proxy.addr, request.as_bytes()).await;
+    let reply = stall(proxy.addr, request.as_bytes()).await;
     assert_eq!(reply.status(), Some(408), "{}", reply.text());
     assert_openai_error(&reply.body_json(), "request_timeout");
-    assert!(
-        reply.waited >= Duration::from_millis(SLOW_CLIENT_MS),
-        "answered after {:?}, before the idle timeout",
-        reply.waited
-    );
     assert_eq!(mock.calls().len(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_client_stalling_in_the_head_is_disconnected() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.header_read_timeout_ms = SLOW_CLIENT_MS;
     })
     .await;
@@ -200,17 +220,12 @@ async fn a_client_stalling_in_the_head_is_disconnected() {
         b"PRI * HTTP/2",
         b"",
     ];
-    for stall in stalls {
-        let reply = raw_exchange(proxy.addr, stall).await;
-        let shown = String::from_utf8_lossy(stall);
+    for bytes in stalls {
+        let reply = stall(proxy.addr, bytes).await;
+        let shown = String::from_utf8_lossy(bytes);
         assert!(
-            reply.waited >= Duration::from_millis(SLOW_CLIENT_MS),
-            "{shown:?}: closed after {:?}, before the header timeout",
-            reply.waited
-        );
-        assert!(
-            reply.status().is_none_or(|s| s == 408),
-            "{shown:?}: {}",
+            reply.bytes.is_empty(),
+            "{shown:?}: closed without an answer, got {}",
             reply.text()
         );
     }
@@ -218,18 +233,25 @@ async fn a_client_stalling_in_the_head_is_disconnected() {
     assert_eq!(proxy.get("/health").await.status, StatusCode::OK);
 }
 
-#[tokio::test]
+/// A head that trickles in over 1.5 s of paused time (one piece every 300 ms) is served:
+/// only a head that is not complete within `header_read_timeout_ms` is cut.
+#[tokio::test(start_paused = true)]
 async fn a_slow_but_steady_request_is_served() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
-    let proxy = routed_pool(&mock, |config| {
+    let proxy = routed_keys(&mock, |config| {
         config.server.header_read_timeout_ms = 2_000;
     })
     .await;
     let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
     let request = b"GET /v1/models HTTP/1.1\r\nhost: kcp\r\nconnection: close\r\n\r\n";
-    for part in request.chunks(16) {
+    let parts: Vec<&[u8]> = request.chunks(10).collect();
+    assert_eq!(parts.len(), 6);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            advance(Duration::from_millis(300)).await;
+        }
         tcp.write_all(part).await.expect("write");
-        tokio::task::yield_now().await;
     }
     let mut response = Vec::new();
     tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
@@ -241,16 +263,19 @@ async fn a_slow_but_steady_request_is_served() {
         "{}",
         String::from_utf8_lossy(&response)
     );
+    assert_eq!(mock.calls().len(), 1);
 }
 
-/// Bodies the proxy cannot read a model from: each is forwarded once (to any key) for the
-/// upstream to judge, or answered by the proxy in OpenAI's shape; the proxy keeps serving.
+/// Bodies the proxy cannot read a model from are forwarded once, byte for byte, to whichever
+/// key is next, for the upstream to judge (its 400 comes back unchanged); a model the proxy
+/// can read but no key serves is answered 404 `model_not_found` without a call. The proxy
+/// keeps serving after each.
 /// Complements `odd_bodies_are_forwarded_for_the_upstream_to_judge` (one unrouted key).
 #[tokio::test]
 async fn odd_bodies_against_a_routed_pool_never_break_the_proxy() {
     let mock = MockUpstream::start().await;
     mock.set_default(Behaviour::status(400));
-    let proxy = routed_pool(&mock, |_| {}).await;
+    let proxy = routed_keys(&mock, |_| {}).await;
     let deep = format!(
         "{{\"model\":{}1{}}}",
         "[".repeat(100_000),
@@ -289,6 +314,9 @@ async fn odd_bodies_against_a_routed_pool_never_break_the_proxy() {
             b"--XyZ\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper-1".to_vec(),
         ),
     ];
+    // The one body whose model the proxy reads (from the form): too long a name to route.
+    const UNSERVED_FORM_MODEL: &str = "multipart, 10 kB model";
+    let upstream_400 = proxy.chat("gpt-4o").await.body;
     for (name, content_type, body) in &corpus {
         let before = mock.calls().len();
         let headers: Vec<(&str, &str)> = if content_type.is_empty() {
@@ -299,22 +327,32 @@ async fn odd_bodies_against_a_routed_pool_never_break_the_proxy() {
         let reply = proxy
             .call(proxy.request(Method::POST, "/v1/chat/completions", &headers, body.clone()))
             .await;
-        let calls = mock.calls().len() - before;
-        match calls {
-            1 => assert_eq!(
+        let calls = mock.calls();
+        if *name == UNSERVED_FORM_MODEL {
+            assert_eq!(calls.len(), before, "{name}: no upstream call");
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{name}: {}",
+                reply.text()
+            );
+            assert_eq!(reply.error_code(), "model_name_too_long", "{name}");
+        } else {
+            assert_eq!(calls.len(), before + 1, "{name}: exactly one upstream call");
+            assert_eq!(
+                calls[before].body,
+                body.as_slice(),
+                "{name}: forwarded byte for byte"
+            );
+            assert_eq!(
                 reply.status,
                 StatusCode::BAD_REQUEST,
                 "{name}: upstream's answer"
-            ),
-            0 => {
-                assert!(reply.status.is_client_error(), "{name}: {}", reply.status);
-                assert!(
-                    reply.json()["error"]["code"].is_string(),
-                    "{name}: {}",
-                    reply.text()
-                );
-            }
-            n => panic!("{name}: {n} upstream calls for one request"),
+            );
+            assert_eq!(
+                reply.body, upstream_400,
+                "{name}: upstream's body, unchanged"
+            );
         }
         assert!(reply.body.len() < 2_000, "{name}: the answer stays short");
     }

@@ -3,19 +3,14 @@
 //! Alone in its own test binary: the signals go to the whole process, so nothing else may be
 //! listening for them. SIGHUP reloads the config file; SIGTERM drains and stops the server.
 
-#[path = "ops_support/config_file.rs"]
-mod config_file;
 mod support;
 
-use config_file::{ConfigFile, config_toml};
 use http::StatusCode;
 use key_cycle_proxy::server::ops::serve::Server;
 use key_cycle_proxy::server::ops::signals::Signals;
-use support::MockUpstream;
+use support::config_file::{ConfigFile, config_toml};
 use support::proxy_harness::{WAIT, client, read, send_with};
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-beta-0000000000002";
+use support::{KEY_A, KEY_B, MockUpstream};
 
 fn signal(name: &str) {
     let status = std::process::Command::new("kill")

@@ -3,22 +3,17 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use support::mock_upstream::{COMPLETION_TEXT, sse_events};
-use support::proxy_harness::{Proxy, WAIT, h2_client, read, send_with, start_proxy};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
-const KEY_B: &str = "sk-test-bravo-000000000002";
-const KEY_C: &str = "sk-test-charlie-0000000003";
-
-async fn one_key(mock: &MockUpstream) -> Proxy {
-    start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await
-}
+use support::proxy_harness::{WAIT, h2_client, read, send_with, start_proxy};
+use support::time::{advance, freeze};
+use support::{
+    Behaviour, KEY_A, KEY_B, KEY_C, MockUpstream, one_key, routed_keys, three_keys, two_keys,
+};
 
 #[tokio::test]
 async fn chat_completion_passes_through_with_one_call() {
@@ -41,8 +36,9 @@ async fn chat_completion_passes_through_with_one_call() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn streamed_chat_arrives_frame_by_frame() {
+    let _frozen = freeze();
     let mock = MockUpstream::start().await;
     let interval = Duration::from_millis(150);
     mock.set(
@@ -53,7 +49,6 @@ async fn streamed_chat_arrives_frame_by_frame() {
         },
     );
     let proxy = one_key(&mock).await;
-    let started = Instant::now();
     let body = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
     let headers = [("content-type", "application/json")];
     let request = proxy.request(Method::POST, "/v1/chat/completions", &headers, body);
@@ -61,24 +56,36 @@ async fn streamed_chat_arrives_frame_by_frame() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
+    let events = sse_events("gpt-4o", 5);
     let mut received = Vec::new();
-    let mut first_at = None;
-    while let Some(frame) = tokio::time::timeout(WAIT, body.frame())
-        .await
-        .expect("frame in time")
-    {
-        if let Ok(data) = frame.expect("clean stream").into_data() {
-            first_at.get_or_insert_with(|| started.elapsed());
-            received.extend_from_slice(&data);
+    // The clock stands still between advances: event i arrives only once the upstream has
+    // been given i intervals, and without waiting for the events after it (no buffering).
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            advance(interval).await;
         }
+        let mut got = Vec::new();
+        while got.len() < event.len() {
+            let frame = tokio::time::timeout(WAIT, body.frame())
+                .await
+                .expect("frame in time")
+                .expect("a frame before the end")
+                .expect("clean stream");
+            if let Ok(data) = frame.into_data() {
+                got.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(got, event.as_ref(), "event {i} alone, whole");
+        received.extend_from_slice(&got);
     }
-    let expected: Vec<u8> = sse_events("gpt-4o", 5).concat();
-    assert_eq!(received, expected, "every event, in order, byte for byte");
-    // The upstream takes 5 × 150 ms; the first event must not wait for the last.
-    let first_at = first_at.expect("some data");
-    assert!(
-        first_at < interval * 3,
-        "first event after {first_at:?}: buffered?"
+    let end = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("end in time");
+    assert!(end.is_none(), "nothing after the last event");
+    assert_eq!(
+        received,
+        events.concat(),
+        "every event, in order, byte for byte"
     );
 }
 
@@ -101,14 +108,7 @@ async fn embeddings_pass_through() {
 async fn model_list_needs_no_model() {
     let mock = MockUpstream::start().await;
     // Keys that name models only: a request without a model may still use any of them.
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["gpt-4o"]),
-            (KEY_B, mock.url(), vec!["whisper-1"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = routed_keys(&mock, |_| {}).await;
     let reply = proxy.get("/v1/models").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["object"], "list");
@@ -141,14 +141,7 @@ fn multipart(boundary: &str, model: &str, audio: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn multipart_transcription_is_routed_by_its_form_model() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["gpt-4o"]),
-            (KEY_B, mock.url(), vec!["whisper-1"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = routed_keys(&mock, |_| {}).await;
     let audio: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
     let boundary = "----kcpBoundary7MA4YWxkTrZu0gW";
     let body = multipart(boundary, "whisper-1", &audio);
@@ -290,23 +283,19 @@ async fn headers_are_rewritten_for_the_key() {
 #[tokio::test]
 async fn stateful_endpoints_stick_to_the_home_key() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-            (KEY_C, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = three_keys(&mock).await;
     for _ in 0..6 {
         assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     }
-    let spread = [KEY_A, KEY_B, KEY_C]
+    let served: Vec<usize> = [KEY_A, KEY_B, KEY_C]
         .iter()
-        .filter(|k| mock.calls_for(k) > 0)
-        .count();
-    assert!(spread >= 2, "model requests rotate over keys");
+        .map(|k| mock.calls_for(k))
+        .collect();
+    assert_eq!(
+        served,
+        [2, 2, 2],
+        "model requests rotate over every key in turn"
+    );
 
     let before = mock.calls().len();
     let created = proxy
@@ -418,15 +407,7 @@ async fn organization_and_project_are_the_keys_in_both_directions() {
 #[tokio::test]
 async fn stored_chat_completions_stick_to_the_home_key() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-            (KEY_C, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = three_keys(&mock).await;
     for _ in 0..4 {
         assert_eq!(
             proxy.get("/v1/chat/completions/chatcmpl-abc").await.status,
@@ -471,25 +452,22 @@ async fn stored_chat_completions_stick_to_the_home_key() {
         assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
     }
     let created = &mock.calls()[8..];
-    let spread = [KEY_A, KEY_B, KEY_C]
+    let served: Vec<usize> = [KEY_A, KEY_B, KEY_C]
         .iter()
-        .filter(|k| created.iter().any(|c| c.key.as_deref() == Some(**k)))
-        .count();
-    assert!(spread >= 2, "new completions rotate over keys");
+        .map(|k| {
+            created
+                .iter()
+                .filter(|c| c.key.as_deref() == Some(*k))
+                .count()
+        })
+        .collect();
+    assert_eq!(served, [2, 2, 2], "new completions rotate over every key");
 }
 
 #[tokio::test]
 async fn two_hundred_concurrent_requests_all_succeed() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-            (KEY_C, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = three_keys(&mock).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
         let client = proxy.client.clone();
@@ -615,14 +593,7 @@ async fn oversized_bodies_are_refused_before_any_call() {
 #[tokio::test]
 async fn health_ready_and_unknown_paths() {
     let mock = MockUpstream::start().await;
-    let proxy = start_proxy(
-        vec![
-            (KEY_A, mock.url(), vec!["others"]),
-            (KEY_B, mock.url(), vec!["others"]),
-        ],
-        |_| {},
-    )
-    .await;
+    let proxy = two_keys(&mock, |_| {}).await;
     let health = proxy.get("/health").await;
     assert_eq!(health.status, StatusCode::OK);
     let counts = health.json();

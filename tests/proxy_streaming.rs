@@ -5,36 +5,22 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
+use key_cycle_proxy::server::ops::serve::ServeError;
 use support::mock_upstream::sse_events;
-use support::proxy_harness::{Proxy, WAIT, read, start_proxy};
-use support::{Behaviour, MockUpstream};
-
-const KEY_A: &str = "sk-test-alpha-000000000001";
+use support::proxy_harness::{WAIT, read, start_proxy, stopped};
+use support::{Behaviour, KEY_A, MockUpstream, one_key};
 
 /// Bound for cancellation to travel from the client, through the proxy, to the upstream.
 const CANCEL_WITHIN: Duration = Duration::from_secs(1);
-
-fn stream_request(proxy: &Proxy) -> http::Request<http_body_util::Full<Bytes>> {
-    proxy.request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
-    )
-}
-
-async fn one_key(mock: &MockUpstream) -> Proxy {
-    start_proxy(vec![(KEY_A, mock.url(), vec!["others"])], |_| {}).await
-}
 
 #[tokio::test]
 async fn an_upstream_failure_mid_stream_aborts_the_client_response() {
     let mock = MockUpstream::start().await;
     mock.set(KEY_A, Behaviour::StreamThenReset { chunks: 3 });
     let proxy = one_key(&mock).await;
-    let response = proxy.send(stream_request(&proxy)).await;
+    let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let mut received = Vec::new();
@@ -50,9 +36,10 @@ async fn an_upstream_failure_mid_stream_aborts_the_client_response() {
     };
     assert_eq!(ended, "error", "a cut stream must not look complete");
     let sent: Vec<u8> = sse_events("gpt-4o", 3)[..3].concat();
-    assert!(
-        sent.starts_with(&received),
-        "what arrived is a prefix of what was sent"
+    assert_eq!(
+        String::from_utf8_lossy(&received),
+        String::from_utf8_lossy(&sent),
+        "every event the upstream sent before the cut reaches the client, then the error"
     );
     assert_eq!(
         mock.calls().len(),
@@ -72,7 +59,7 @@ async fn a_client_leaving_mid_stream_cancels_the_upstream() {
         },
     );
     let proxy = one_key(&mock).await;
-    let response = proxy.send(stream_request(&proxy)).await;
+    let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     let mut body = response.into_body();
     let first = tokio::time::timeout(WAIT, body.frame())
         .await
@@ -92,7 +79,7 @@ async fn a_client_leaving_before_the_answer_cancels_the_upstream() {
     mock.set(KEY_A, Behaviour::Hang);
     let proxy = one_key(&mock).await;
     let client = proxy.client.clone();
-    let request = stream_request(&proxy);
+    let request = proxy.stream_request("gpt-4o");
     let pending = tokio::spawn(async move { client.request(request).await });
     assert!(
         mock.wait_calls(1, WAIT).await,
@@ -117,25 +104,25 @@ async fn shutdown_drains_a_running_stream_and_refuses_new_connections() {
         },
     );
     let mut proxy = one_key(&mock).await;
-    let response = proxy.send(stream_request(&proxy)).await;
+    let response = proxy.send(proxy.stream_request("gpt-4o")).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let stopped = proxy.begin_shutdown();
+    let run = proxy.begin_shutdown();
     let reply = read(response).await;
     assert_eq!(
         reply.body,
         Bytes::from(sse_events("gpt-4o", 10).concat()),
         "the stream in flight completes"
     );
-    let result = tokio::time::timeout(WAIT, stopped)
-        .await
-        .expect("run returns")
-        .expect("no panic");
+    let result = stopped(run).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(
         tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
         "the listener is closed"
     );
-    assert!(proxy.app.readiness().is_err(), "not ready while draining");
+    assert_eq!(
+        proxy.app.readiness(),
+        Err("draining: the proxy is shutting down")
+    );
 }
 
 #[tokio::test]
@@ -147,15 +134,18 @@ async fn shutdown_cuts_what_outlives_the_grace_period() {
     })
     .await;
     let client = proxy.client.clone();
-    let request = stream_request(&proxy);
+    let request = proxy.stream_request("gpt-4o");
     let pending = tokio::spawn(async move { client.request(request).await });
     assert!(mock.wait_calls(1, WAIT).await);
-    let stopped = proxy.begin_shutdown();
-    let result = tokio::time::timeout(WAIT, stopped)
-        .await
-        .expect("run returns")
-        .expect("no panic");
-    assert!(result.is_err(), "the hung request was cut: {result:?}");
+    let run = proxy.begin_shutdown();
+    let result = stopped(run).await;
+    assert!(
+        matches!(
+            result,
+            Err(ServeError::DrainTimeout { connections: 1, grace }) if grace.is_zero()
+        ),
+        "the hung request's connection was cut: {result:?}"
+    );
     let answer = tokio::time::timeout(WAIT, pending)
         .await
         .expect("client sees the cut")

@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use key_cycle_proxy::core::KeySpec;
-use key_cycle_proxy::core::Secret;
+use key_cycle_proxy::core::{DisableReason, KeySpec, KeyStatus, Secret};
 use key_cycle_proxy::server::app::App;
+use key_cycle_proxy::server::clock;
 use key_cycle_proxy::server::config::{Config, KeySources, LoadedConfig};
 use key_cycle_proxy::server::ops::serve::{ServeError, Server};
 use serde_json::Value;
@@ -215,9 +215,70 @@ impl Proxy {
 
     /// A chat completion for `model`.
     pub async fn chat(&self, model: &str) -> Reply {
+        self.call(self.chat_request(model)).await
+    }
+
+    /// Sends `request` in a task of its own: for tests that move paused time while it runs.
+    pub fn spawn(&self, request: Request<Full<Bytes>>) -> JoinHandle<Reply> {
+        let client = self.client.clone();
+        tokio::spawn(async move { read(send_with(&client, request).await).await })
+    }
+
+    /// A chat completion request for `model`.
+    pub fn chat_request(&self, model: &str) -> Request<Full<Bytes>> {
         let body =
             format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-        self.post("/v1/chat/completions", &body).await
+        let headers = [("content-type", "application/json")];
+        self.request(Method::POST, "/v1/chat/completions", &headers, body)
+    }
+
+    /// A streamed chat completion request for `model`.
+    pub fn stream_request(&self, model: &str) -> Request<Full<Bytes>> {
+        let body = format!(r#"{{"model":"{model}","stream":true,"messages":[]}}"#);
+        let headers = [("content-type", "application/json")];
+        self.request(Method::POST, "/v1/chat/completions", &headers, body)
+    }
+
+    /// `GET url` (any listener).
+    pub async fn get_url(&self, url: &str) -> Reply {
+        let request = Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        self.call(request).await
+    }
+
+    /// `method path` on the metrics and admin listener, with `token` as the bearer token.
+    pub async fn admin(&self, method: Method, path: &str, token: Option<&str>) -> Reply {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(self.metrics_url(path));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        self.call(
+            request
+                .body(Full::new(Bytes::new()))
+                .expect("valid request"),
+        )
+        .await
+    }
+
+    /// The status of `key` in the pool now, and why it is disabled if it is.
+    pub fn key_status(&self, key: &str) -> (KeyStatus, Option<DisableReason>) {
+        let fingerprint = Secret::new(key).fingerprint();
+        let key = self
+            .app
+            .pool()
+            .snapshot(clock::now())
+            .into_iter()
+            .find(|k| k.fingerprint == fingerprint)
+            .expect("key in pool");
+        (key.status, key.disabled_reason)
+    }
+
+    /// A chat completion for `model` in a task of its own (see [`Proxy::spawn`]).
+    pub fn spawn_chat(&self, model: &str) -> JoinHandle<Reply> {
+        self.spawn(self.chat_request(model))
     }
 
     /// Triggers shutdown and waits for `run` to return.
@@ -247,6 +308,14 @@ impl Drop for Proxy {
             handle.abort();
         }
     }
+}
+
+/// Waits (within [`WAIT`]) for `run` to return after [`Proxy::begin_shutdown`].
+pub async fn stopped(run: JoinHandle<Result<(), ServeError>>) -> Result<(), ServeError> {
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("run returns in time")
+        .expect("run does not panic")
 }
 
 /// Sends `request` with `client` and waits for the response head.

@@ -134,7 +134,7 @@ impl Gauge {
                     .max(f64::from_bits(self.full.load(Ordering::Relaxed)))
                     .min(limit as f64);
                 let slack = RESET_PRECISION.as_secs_f64() * per_sec(limit);
-                level = level.max((full - refill - slack).min(level + 1.0 - f64::EPSILON));
+                level = level.max((full - refill - slack).min(just_below(level + 1.0)));
                 full
             }
             (Some(limit), None) => limit as f64,
@@ -234,6 +234,12 @@ impl Gauge {
         let at = self.reset_at.load(Ordering::Relaxed);
         at != 0 && now.as_nanos() >= at
     }
+}
+
+/// The largest `f64` below `x` (positive and finite): `x - f64::EPSILON` is `x` itself from
+/// 2 on, which would let the level reach a whole unit above `remaining`.
+fn just_below(x: f64) -> f64 {
+    f64::from_bits(x.to_bits() - 1)
 }
 
 fn per_sec(per_minute: u64) -> f64 {
@@ -412,11 +418,130 @@ mod tests {
         assert_eq!(g.free_at(Time::from_secs(17), 1), Time::from_secs(17));
     }
 
+    /// A gauge of `limit` per minute with one report of `remaining` and `reset` at `at`.
+    fn reported(limit: Option<u64>, remaining: u64, reset: Option<Duration>, at: Time) -> Gauge {
+        let g = Gauge::new(None);
+        let mark = g.spend(1);
+        g.settle(1);
+        g.report(limit, Some(remaining), reset, at, mark);
+        g
+    }
+
+    #[test]
+    fn a_known_bucket_size_recovers_the_fraction_remaining_rounds_away() {
+        // 120 a minute: 2 a second. The first report shows the bucket is full at 120.
+        let t0 = Time::from_secs(10);
+        let g = reported(Some(120), 40, Some(Duration::from_secs(40)), t0);
+        assert_eq!(g.remaining(t0), Some(40));
+        // 39 left, full again in 40.25 s: the level is 120 - 80.5 = 39.5, less the
+        // reset's print precision (1 ms of refill): one more unit is 0.251 s away.
+        let mark = g.spend(1);
+        g.settle(1);
+        g.report(
+            Some(120),
+            Some(39),
+            Some(Duration::from_millis(40_250)),
+            t0,
+            mark,
+        );
+        let wait = g.free_at(t0, 40).saturating_since(t0).as_secs_f64();
+        assert!((wait - 0.251).abs() < 1e-6, "{wait}");
+        assert_eq!(
+            g.remaining(t0 + Duration::from_secs(5)),
+            Some(49),
+            "2 a second"
+        );
+    }
+
+    #[test]
+    fn the_reset_never_lifts_the_level_a_whole_unit_above_remaining() {
+        let t0 = Time::from_secs(10);
+        let g = reported(Some(120), 40, Some(Duration::from_secs(40)), t0);
+        // 39 left, full in 39.9 s: the reset alone would say 40.2, but `remaining` is
+        // rounded down from less than 40.
+        let mark = g.spend(1);
+        g.settle(1);
+        g.report(
+            Some(120),
+            Some(39),
+            Some(Duration::from_millis(39_900)),
+            t0,
+            mark,
+        );
+        assert_eq!(g.remaining(t0), Some(39));
+        assert!(
+            g.free_at(t0, 40) < t0 + Duration::from_micros(1),
+            "just short of 40"
+        );
+        assert_eq!(g.free_at(t0, 41), t0 + Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_zero_limit_is_no_limit() {
+        let g = reported(Some(0), 3, None, Time::ZERO);
+        assert_eq!(g.limit(), None);
+        assert_eq!(g.remaining(Time::from_secs(60)), Some(3), "nothing refills");
+    }
+
+    #[test]
+    fn a_new_limit_forgets_the_old_bucket_size() {
+        let t0 = Time::ZERO;
+        let g = reported(Some(240), 200, Some(Duration::from_secs(10)), t0);
+        assert_eq!(g.remaining(Time::from_secs(600)), Some(240));
+        // The limit drops to 60 with a bucket of a quarter second's refill.
+        let mark = g.spend(1);
+        g.settle(1);
+        g.report(
+            Some(60),
+            Some(11),
+            Some(Duration::from_millis(250)),
+            t0,
+            mark,
+        );
+        assert_eq!(g.remaining(Time::from_secs(600)), Some(11));
+    }
+
+    #[test]
+    fn reports_apply_in_send_order_and_an_equal_mark_replaces() {
+        let g = Gauge::new(Some(60));
+        let t0 = Time::ZERO;
+        let first = g.spend(1);
+        g.settle(1);
+        g.report(None, Some(5), None, t0, first);
+        assert_eq!(g.remaining(t0), Some(5));
+        let second = g.spend(1);
+        g.settle(1);
+        g.report(None, Some(2), None, t0, second);
+        assert_eq!(g.remaining(t0), Some(2), "a newer report wins");
+        g.report(None, Some(1), None, t0, second);
+        assert_eq!(
+            g.remaining(t0),
+            Some(1),
+            "so does a second word on the same request"
+        );
+    }
+
+    #[test]
+    fn without_a_limit_the_report_holds_until_its_reset() {
+        let t0 = Time::from_secs(10);
+        let g = reported(None, 5, Some(Duration::from_secs(7)), t0);
+        assert_eq!(g.free_at(t0, 1), t0, "5 left");
+        assert_eq!(g.free_at(t0, 6), Time::from_secs(17), "not 6");
+        assert_eq!(g.remaining(t0), Some(5));
+        assert_eq!(g.remaining(Time::from_secs(16)), Some(5));
+        assert_eq!(
+            g.remaining(Time::from_secs(17)),
+            Some(u64::MAX - 1),
+            "after the reset: as much as can be counted"
+        );
+    }
+
     #[test]
     fn pace_is_aimd() {
         let mut p = Pace::default();
         p.cut();
         assert_eq!(p.factor(), 0.5);
+        assert_eq!(p.rate_per_sec(120), 1.0, "half of 2 a second");
         for _ in 0..3 {
             p.cut();
         }

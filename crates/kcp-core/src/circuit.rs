@@ -116,4 +116,21 @@ mod tests {
             now = until;
         }
     }
+
+    #[test]
+    fn reset_closes_an_open_circuit_and_forgets_its_failures() {
+        let mut c = Circuit::default();
+        let now = Time::from_secs(100);
+        for _ in 0..FAILURES_TO_OPEN {
+            c.failed(now, 0.0, false);
+        }
+        assert!(c.open_until().is_some());
+        c.reset();
+        assert_eq!(c, Circuit::default());
+        for _ in 1..FAILURES_TO_OPEN {
+            assert_eq!(c.failed(now, 0.0, false), None, "counting starts again");
+        }
+        let reopened = c.failed(now, 0.999, false).expect("opens again");
+        assert!(reopened <= now + BASE_OPEN, "for the first period again");
+    }
 }

@@ -157,6 +157,55 @@ mod tests {
         assert_eq!(c.until(), Time::ZERO + MAX_PROVIDER_REST);
     }
 
+    #[test]
+    fn a_provider_rest_of_hours_is_honoured_up_to_a_day() {
+        let mut c = Cooldown::default();
+        let two_hours = RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(2 * 3600)),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.rate_limited(&two_hours, Time::ZERO),
+            Time::from_secs(7_200)
+        );
+        let two_days = RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(48 * 3600)),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.rate_limited(&two_days, Time::ZERO),
+            Time::from_secs(86_400)
+        );
+    }
+
+    #[test]
+    fn a_429_streak_is_not_calm_until_a_success() {
+        let mut c = Cooldown::default();
+        assert!(c.is_calm());
+        c.rate_limited(&RateLimitHeaders::default(), Time::ZERO);
+        assert!(!c.is_calm(), "a 429 streak runs");
+        c.succeeded();
+        assert!(c.is_calm());
+    }
+
+    #[test]
+    fn clearing_ends_the_rest_and_the_streak() {
+        let mut c = Cooldown::default();
+        let none = RateLimitHeaders::default();
+        for _ in 0..3 {
+            c.rate_limited(&none, Time::ZERO);
+        }
+        assert_eq!(c.until(), Time::from_secs(4));
+        c.clear();
+        assert_eq!(c.until(), Time::ZERO, "no rest left");
+        assert!(c.is_calm());
+        assert_eq!(
+            c.rate_limited(&none, Time::from_secs(1)),
+            Time::from_secs(2),
+            "the next header-less 429 starts again at BASE"
+        );
+    }
+
     proptest! {
         /// A later deadline always wins: the rest never shrinks, whatever arrives.
         #[test]

@@ -115,6 +115,29 @@ mod tests {
     }
 
     #[test]
+    fn deadlines_at_the_end_of_time_stay_deadlines() {
+        let g = Gate::default();
+        let late = Time::from_nanos((1 << 63) + 12);
+        g.set(Some(Time::NEVER), false);
+        assert!(
+            matches!(g.check(late), Pass::Until(_)),
+            "closed, never open"
+        );
+        assert!(!g.trial_pending());
+        g.set(Some(Time::NEVER), true);
+        assert!(
+            !g.trial_pending(),
+            "a trial deadline is not a trial under way"
+        );
+        let last = Time::from_nanos(u64::MAX - 2);
+        let Pass::Trial(seen) = g.check(last) else {
+            panic!("the trial is due at the last representable deadline")
+        };
+        assert!(g.claim_trial(seen));
+        assert!(g.trial_pending());
+    }
+
+    #[test]
     fn one_trial_across_threads() {
         let g = std::sync::Arc::new(Gate::default());
         g.set(Some(Time::from_secs(1)), true);

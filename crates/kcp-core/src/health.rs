@@ -152,4 +152,42 @@ mod tests {
         e.observe(Duration::from_millis(50), later);
         assert!(e.get(later).expect("has samples") < decayed);
     }
+
+    #[test]
+    fn a_sample_below_the_estimate_is_averaged_in_by_the_decay_weight() {
+        let e = PeakEwma::default();
+        let t = Time::from_secs(1);
+        e.observe(Duration::from_millis(500), t);
+        e.observe(Duration::from_millis(50), t);
+        assert_eq!(
+            e.get(t),
+            Some(Duration::from_millis(500)),
+            "no time passed: a lower sample weighs nothing yet"
+        );
+        let later = t + EWMA_DECAY;
+        e.observe(Duration::from_millis(50), later);
+        // Decayed over one time constant to 500/e, then averaged with weight w = 1/e.
+        let w = (-1.0f64).exp();
+        let expected = 500e6 * w * w + 50e6 * (1.0 - w);
+        let got = e.cost_nanos(later);
+        assert!(
+            (got - expected).abs() < 1.0,
+            "{got} ns, expected {expected} ns"
+        );
+    }
+
+    #[test]
+    fn cost_is_the_default_rtt_before_any_sample_then_the_estimate() {
+        let e = PeakEwma::default();
+        assert_eq!(e.cost_nanos(Time::from_secs(5)), 100e6);
+        e.observe(Duration::from_millis(250), Time::from_secs(5));
+        assert_eq!(e.cost_nanos(Time::from_secs(5)), 250e6);
+    }
+
+    #[test]
+    fn a_sample_at_time_zero_counts() {
+        let e = PeakEwma::default();
+        e.observe(Duration::from_millis(80), Time::ZERO);
+        assert_eq!(e.get(Time::ZERO), Some(Duration::from_millis(80)));
+    }
 }

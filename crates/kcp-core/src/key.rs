@@ -151,4 +151,13 @@ mod tests {
         assert!(!format!("{:?}", a).contains("sk-secret-value"));
         assert_eq!(a.with_name("team-a").id().as_str(), "team-a");
     }
+
+    #[test]
+    fn an_id_shows_itself_in_debug_and_display() {
+        let id = KeySpec::new(Secret::new("sk-x"), "https://h")
+            .with_name("team-a")
+            .id();
+        assert_eq!(format!("{id:?}"), "KeyId(team-a)");
+        assert_eq!(id.to_string(), "team-a");
+    }
 }

@@ -59,4 +59,19 @@ mod tests {
         }
         assert_eq!(a.below(0), 0);
     }
+
+    #[test]
+    fn the_sequence_is_splitmix64() {
+        // Vigna's reference splitmix64.c from state 0.
+        let mut r = SplitMix64::new(0);
+        let first: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+        assert_eq!(
+            first,
+            [
+                0xE220_A839_7B1D_CDAF,
+                0x6E78_9E6A_A1B9_65F4,
+                0x06C4_5D18_8009_454F
+            ]
+        );
+    }
 }

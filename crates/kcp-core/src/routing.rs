@@ -324,6 +324,28 @@ mod tests {
     }
 
     #[test]
+    fn named_models_are_the_exact_names_only() {
+        let t = table(&[&["gpt-4"], &["others"], &["gpt-4o*"], &["gpt-4o", "*"]]);
+        let mut named: Vec<&str> = t.named_models().collect();
+        named.sort_unstable();
+        assert_eq!(named, ["gpt-4", "gpt-4o"], "no glob, no fallback");
+    }
+
+    #[test]
+    fn the_model_table_hashes_with_fnv_1a() {
+        // Reference values of 64-bit FNV-1a.
+        for (text, hash) in [
+            ("", 0xcbf2_9ce4_8422_2325u64),
+            ("a", 0xaf63_dc4c_8601_ec8c),
+            ("foobar", 0x8594_4171_f739_67e8),
+        ] {
+            let mut h = Fnv::default();
+            h.write(text.as_bytes());
+            assert_eq!(h.finish(), hash, "{text:?}");
+        }
+    }
+
+    #[test]
     fn no_model_prefers_fallback_keys_then_any() {
         let t = table(&[&["gpt-4"], &["others"], &["gpt-4o*"]]);
         assert_eq!(keys(t.lookup(None)), (vec![1], vec![0, 2]));

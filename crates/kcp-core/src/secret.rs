@@ -91,4 +91,13 @@ mod tests {
         assert_eq!(a.fingerprint().len(), 12);
         assert!(!a.fingerprint().contains("sk-one"));
     }
+
+    #[test]
+    fn debug_and_display_are_redacted_and_emptiness_is_known() {
+        let s = Secret::new("sk-live-value");
+        assert_eq!(format!("{s:?}"), "Secret([redacted])");
+        assert_eq!(s.to_string(), "[redacted]");
+        assert!(!s.is_empty());
+        assert!(Secret::new("  ").is_empty(), "trimmed");
+    }
 }

@@ -251,4 +251,40 @@ mod tests {
             .expect("probe 429 renews");
         assert_eq!(until, Time::from_secs(4));
     }
+
+    #[test]
+    fn a_group_is_for_one_url_and_organization() {
+        let url = "https://api.openai.com/v1";
+        let g = ThrottleGroup::new(url, "org-a");
+        assert!(g.is_for(url, "org-a"));
+        assert!(!g.is_for(url, "org-b"));
+        assert!(!g.is_for("https://other.example/v1", "org-a"));
+    }
+
+    #[test]
+    fn limits_within_the_window_count_together_and_more_than_half_is_most() {
+        let g = group(6);
+        let t = Time::from_secs(10);
+        let rest = Duration::from_secs(2);
+        for key in 0..3 {
+            assert_eq!(
+                g.rate_limited(key, rest, t, false),
+                None,
+                "half is not most"
+            );
+        }
+        // Exactly WINDOW after the first: all four count.
+        let until = g.rate_limited(3, rest, t + WINDOW, false);
+        assert_eq!(until, Some(t + WINDOW + rest), "4 of 6");
+
+        let g = group(4);
+        assert_eq!(g.rate_limited(0, rest, t, false), None);
+        assert_eq!(g.rate_limited(1, rest, t, false), None);
+        let late = t + WINDOW + Duration::from_nanos(1);
+        assert_eq!(
+            g.rate_limited(2, rest, late, false),
+            None,
+            "the first two are out of the window"
+        );
+    }
 }

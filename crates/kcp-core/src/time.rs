@@ -95,4 +95,16 @@ mod tests {
             Duration::ZERO
         );
     }
+
+    #[test]
+    fn debug_shows_seconds_or_never_and_subtraction_saturates() {
+        assert_eq!(
+            format!("{:?}", Time::from_millis(1_500)),
+            "Time(1.500000000s)"
+        );
+        assert_eq!(format!("{:?}", Time::NEVER), "Time(never)");
+        let t = Time::from_secs(10);
+        assert_eq!(t - Duration::from_secs(4), Time::from_secs(6));
+        assert_eq!(t - Duration::from_secs(40), Time::ZERO);
+    }
 }

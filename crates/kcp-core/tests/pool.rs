@@ -52,14 +52,20 @@ fn pick(
     })
 }
 
-/// Selects until the pool hands out a lease on the key `name` (dropping the others).
+/// Selects until the pool hands out a lease on the key `name` (dropping the others); fails
+/// after 32 rounds of the pool (a rotation reaches every key in one round, a random two-choice
+/// draw in a few), rather than looping forever on a pool that never offers the key.
 fn lease_on(pool: &KeyPool, name: &str, now: Time, rng: &mut SplitMix64) -> kcp_core::Lease {
-    loop {
+    let bound = 32 * pool.snapshot(now).len();
+    let mut seen = Vec::new();
+    for _ in 0..bound {
         let lease = pool.select(&Demand::default(), now, rng).expect("key");
         if lease.id().as_str() == name {
             return lease;
         }
+        seen.push(lease.id().as_str().to_owned());
     }
+    panic!("no lease on {name} in {bound} selections: {seen:?}");
 }
 
 fn status_of(pool: &KeyPool, name: &str, now: Time) -> KeyStatus {
@@ -356,14 +362,11 @@ fn health_weighting_sends_less_to_a_failing_key() {
     assert!((0.32..=0.43).contains(&share), "{counts:?}");
 }
 
-#[test]
-fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
+/// Least latency over keys of 50, 100 and 400 ms listed in `order`: 300 selections with
+/// every lease held open, by key.
+fn least_latency_counts(order: [&str; 3]) -> HashMap<String, u32> {
     let p = pool(
-        vec![
-            key("fast", &["others"]),
-            key("mid", &["others"]),
-            key("slow", &["others"]),
-        ],
+        order.iter().map(|name| key(name, &["others"])).collect(),
         Strategy::LeastLatency,
     );
     let mut rng = SplitMix64::new(3);
@@ -386,12 +389,29 @@ fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
         *counts.entry(lease.id().to_string()).or_default() += 1;
         held.push(lease);
     }
-    assert!(
-        counts["fast"] > counts["mid"] && counts["mid"] > counts["slow"],
-        "{counts:?}"
-    );
-    assert!(counts["fast"] < 250, "load must spread: {counts:?}");
-    assert!(counts.get("slow").copied().unwrap_or(0) > 0, "{counts:?}");
+    counts
+}
+
+#[test]
+fn least_latency_spreads_load_instead_of_pinning_the_fastest_key() {
+    // Whatever the order of the keys, the latency decides: listing the slow key first must
+    // not make it the favourite.
+    for order in [["fast", "mid", "slow"], ["slow", "mid", "fast"]] {
+        let counts = least_latency_counts(order);
+        assert!(
+            counts["fast"] > counts["mid"] && counts["mid"] > counts["slow"],
+            "{order:?}: {counts:?}"
+        );
+        assert!(counts["fast"] < 250, "load must spread: {counts:?}");
+        assert!(counts.get("slow").copied().unwrap_or(0) > 0, "{counts:?}");
+        // In-flight requests cost their key its latency each: at the end the costs
+        // (latency × (in flight + 1)) are level, so the shares go inversely to latency.
+        let fast_to_slow = f64::from(counts["fast"]) / f64::from(counts["slow"]);
+        assert!(
+            (5.0..=11.0).contains(&fast_to_slow),
+            "{order:?}: {counts:?}"
+        );
+    }
 }
 
 #[test]
@@ -509,6 +529,7 @@ proptest! {
         for _ in 0..k * n {
             *counts.entry(pick(&p, None, Time::ZERO, &mut rng).expect("key")).or_default() += 1;
         }
+        prop_assert_eq!(counts.len(), n, "every key is picked: {:?}", counts);
         prop_assert!(counts.values().all(|&c| c + 1 >= k && c <= k + 1), "{:?}", counts);
     }
 }
@@ -637,5 +658,116 @@ fn a_key_picked_twice_before_limits_are_learned_is_not_starved_after() {
         counts.values().all(|&c| (900..=1100).contains(&c)),
         "{counts:?} {:?}",
         p.snapshot(t0)[0]
+    );
+}
+
+#[test]
+fn snapshot_and_counts_report_each_keys_state() {
+    let p = pool(
+        vec![
+            key("cool", &["others"]),
+            key("gone", &["others"]),
+            key("fast", &["others"]),
+            key("idle", &["others"]),
+            key("open", &["others"]),
+        ],
+        Strategy::RoundRobin,
+    );
+    let mut rng = SplitMix64::new(1);
+    let t0 = Time::from_secs(100);
+    lease_on(&p, "cool", t0, &mut rng).record(
+        Outcome::RateLimited {
+            limits: RateLimitHeaders {
+                retry_after: Some(Duration::from_secs(30)),
+                ..RateLimitHeaders::default()
+            },
+        },
+        t0,
+    );
+    lease_on(&p, "gone", t0, &mut rng).record(
+        Outcome::KeyRejected {
+            reason: DisableReason::Unauthorized,
+        },
+        t0,
+    );
+    lease_on(&p, "fast", t0, &mut rng).record(
+        Outcome::Success {
+            latency: Duration::from_millis(250),
+            limits: RateLimitHeaders::default(),
+        },
+        t0,
+    );
+    let now = t0 + Duration::from_secs(10);
+    // Five failures a second ago open the circuit for at least 2.5 s.
+    let failed = now - Duration::from_secs(1);
+    for _ in 0..5 {
+        lease_on(&p, "open", failed, &mut rng).record(
+            Outcome::Upstream {
+                failure: UpstreamFailure::Status(502),
+                retry_after: None,
+            },
+            failed,
+        );
+    }
+    let snapshot = p.snapshot(now);
+    let of = |name: &str| {
+        snapshot
+            .iter()
+            .find(|k| k.name == name)
+            .unwrap_or_else(|| panic!("{name} in the snapshot"))
+    };
+    let cool = of("cool");
+    assert_eq!(
+        (cool.status, cool.blocked_secs),
+        (KeyStatus::Cooling, Some(20.0))
+    );
+    assert_eq!(cool.outcomes.rate_limited, 1);
+    let gone = of("gone");
+    assert_eq!(gone.status, KeyStatus::Disabled);
+    assert_eq!(gone.disabled_reason, Some(DisableReason::Unauthorized));
+    assert_eq!(gone.blocked_secs, None, "no end to a disable");
+    assert_eq!(
+        gone.next_probe_secs,
+        Some(50.0),
+        "a minute after the rejection"
+    );
+    let fast = of("fast");
+    assert_eq!(fast.status, KeyStatus::Available);
+    assert_eq!(fast.blocked_secs, Some(0.0));
+    let latency = fast.latency_ms.expect("a latency sample");
+    // Decayed over 10 s with a 10 s time constant: 250 ms / e.
+    assert!(
+        (latency - 250.0 / std::f64::consts::E).abs() < 1e-6,
+        "{latency}"
+    );
+    assert_eq!(of("idle").latency_ms, None);
+    assert_eq!(of("idle").next_probe_secs, None);
+    assert_eq!(of("open").status, KeyStatus::CircuitOpen);
+
+    let counts = p.counts(now);
+    assert_eq!(
+        (
+            counts.total,
+            counts.available,
+            counts.cooling,
+            counts.disabled,
+            counts.circuit_open,
+            counts.limited,
+            counts.throttled
+        ),
+        (5, 2, 1, 1, 1, 0, 0)
+    );
+    assert_eq!(p.throttled_groups(now), 0);
+    let labels: Vec<&str> = KeyStatus::ALL.iter().map(|s| s.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "available",
+            "cooling",
+            "limited",
+            "circuit_open",
+            "throttled",
+            "disabled"
+        ]
     );
 }

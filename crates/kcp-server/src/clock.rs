@@ -1,19 +1,34 @@
 //! The server's clock and randomness, handed to kcp-core as inputs.
 //!
-//! kcp-core reads no clock: the server maps `std::time::Instant` onto [`kcp_core::Time`]
+//! kcp-core reads no clock: the server maps `tokio::time::Instant` onto [`kcp_core::Time`]
 //! from one process-wide origin, and gives each worker thread its own cheap random
 //! generator, seeded once from the wall clock and the thread id.
+//!
+//! The clock is tokio's so that tests can pause it (`tokio::time::pause`) and advance it on
+//! purpose: waits, cooldowns, re-checks and drains then run in no real time and no test
+//! has to compare wall-clock durations. Outside a paused runtime tokio's `Instant` is the
+//! monotonic clock.
 
 use std::cell::RefCell;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kcp_core::{Random, SplitMix64, Time};
+use tokio::time::Instant;
+
+/// How far before its first reading the origin lies. A paused runtime's clock starts when
+/// the runtime is built and then moves only when told: a test runtime built before another
+/// thread first read the clock must still be after the origin, or its times would all
+/// saturate to zero.
+const ORIGIN_LEAD: Duration = Duration::from_secs(3_600);
 
 fn origin() -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
+    *ORIGIN.get_or_init(|| {
+        let first = std::time::Instant::now();
+        Instant::from_std(first.checked_sub(ORIGIN_LEAD).unwrap_or(first))
+    })
 }
 
 /// Now, on kcp-core's timeline.
@@ -22,14 +37,16 @@ pub fn now() -> Time {
 }
 
 /// An `Instant` on kcp-core's timeline.
-pub fn to_time(instant: Instant) -> Time {
+pub fn to_time(instant: impl Into<Instant>) -> Time {
+    let instant: Instant = instant.into();
     let since = instant.saturating_duration_since(origin());
     Time::from_nanos(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// A kcp-core time as an `Instant` (for timers).
-pub fn to_instant(time: Time) -> Instant {
-    origin() + Duration::from_nanos(time.as_nanos())
+/// A kcp-core time as an `Instant` on tokio's clock (for `tokio::time::sleep_until`, via
+/// `into()`; a std `Instant` so callers holding either kind convert without a lint).
+pub fn to_instant(time: Time) -> std::time::Instant {
+    (origin() + Duration::from_nanos(time.as_nanos())).into_std()
 }
 
 /// The wall clock as a duration since the Unix epoch (for HTTP-date `Retry-After`).
@@ -64,5 +81,16 @@ mod tests {
         let back = to_time(to_instant(t));
         assert_eq!(back, t);
         assert!(with_rng(|r| r.below(10)) < 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paused_time_moves_only_when_advanced() {
+        let before = now();
+        assert!(before > Time::ZERO, "a fresh runtime lies after the origin");
+        assert_eq!(now(), before, "paused: no time passes by itself");
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(now().saturating_since(before), Duration::from_millis(1_500));
+        tokio::time::sleep_until(to_instant(before + Duration::from_secs(60)).into()).await;
+        assert_eq!(now(), before + Duration::from_secs(60));
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
@@ -16,12 +16,45 @@ use http_body_util::BodyExt;
 use http_body_util::channel::Channel;
 use hyper::body::Incoming;
 use kcp_upstream::{ErrorKind, ResponseBody, Upstream, UpstreamConfig, UpstreamError};
+use support::time::{finish, freeze, still_running};
 use support::{
     BOUND, Pki, TestBody, bounded, full, raw_server, read_head, request, serve, upstream, write,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
 const SHORT: Duration = Duration::from_millis(200);
+/// The step of paused time past a timeout.
+const STEP: Duration = Duration::from_millis(1);
+
+/// Spawns `future` and returns once it has been polled: the timers it starts on its first
+/// poll start at the current paused time, before the test advances it.
+async fn polled<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (started, polled) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let _ = started.send(());
+        future.await
+    });
+    polled.await.expect("the task runs");
+    task
+}
+
+/// Sends `request` on a frozen clock: it is still pending 1 ms before [`SHORT`] of paused
+/// time and has failed 1 ms after.
+async fn fails_after_short(
+    client: Upstream,
+    request: Request<http_body_util::Full<Bytes>>,
+) -> UpstreamError {
+    let pending = polled(async move { send_err(&client, request).await }).await;
+    tokio::time::advance(SHORT - STEP).await;
+    assert!(still_running(&pending).await, "failed before the timeout");
+    let (error, advanced) = finish(pending, STEP, BOUND).await;
+    assert_eq!(advanced, STEP, "failed when the timeout was up");
+    error
+}
 
 fn config() -> UpstreamConfig {
     UpstreamConfig {
@@ -261,8 +294,9 @@ async fn url_with_credentials_is_refused_before_any_connection() {
     assert!(!format!("{error} {error:?}").contains("sk-secret-in-url"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stalled_tls_handshake_is_a_connect_error() {
+    let _frozen = freeze();
     let (addr, _server) = raw_server(|mut tcp| async move {
         // Accept TCP, then never answer the ClientHello.
         let mut sink = Vec::new();
@@ -274,27 +308,24 @@ async fn stalled_tls_handshake_is_a_connect_error() {
         ..config()
     });
 
-    let started = Instant::now();
-    let error = send_err(&client, request(&format!("https://{addr}/v1/models"))).await;
+    let error = fails_after_short(client, request(&format!("https://{addr}/v1/models"))).await;
     assert_eq!(error.kind(), ErrorKind::Connect, "{error:?}");
     assert!(!error.may_have_reached_upstream());
-    assert!(started.elapsed() >= SHORT);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn missing_headers_time_out() {
+    let _frozen = freeze();
     let (addr, _server) = hanging_server().await;
     let client = upstream(UpstreamConfig {
         request_timeout: SHORT,
         ..config()
     });
 
-    let started = Instant::now();
-    let error = send_err(&client, request(&format!("http://{addr}/v1/models"))).await;
+    let error = fails_after_short(client, request(&format!("http://{addr}/v1/models"))).await;
     assert_eq!(error.kind(), ErrorKind::HeadersTimeout, "{error:?}");
     assert_eq!(error.kind().as_str(), "timeout");
     assert!(error.may_have_reached_upstream());
-    assert!(started.elapsed() >= SHORT);
 }
 
 #[tokio::test]
@@ -344,8 +375,9 @@ async fn body_streams_without_buffering() {
     assert!(rest.is_empty() && error.is_none());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stalled_body_hits_the_idle_timeout() {
+    let _frozen = freeze();
     let server = serve(None, |_req| async {
         let (mut tx, body) = channel();
         tokio::spawn(async move {
@@ -367,18 +399,27 @@ async fn stalled_body_hits_the_idle_timeout() {
         .await
         .into_body();
     assert_eq!(next_data(&mut body).await.expect("first chunk"), "first");
-    let waiting = Instant::now();
-    let error = next_data(&mut body)
-        .await
-        .expect_err("the stall must end the body");
+    let waiting = polled(async move {
+        let error = next_data(&mut body).await.map(|_| ());
+        (error, body)
+    })
+    .await;
+    tokio::time::advance(SHORT - Duration::from_millis(1)).await;
+    assert!(
+        still_running(&waiting).await,
+        "idle for less than the timeout"
+    );
+    let ((error, mut body), advanced) = finish(waiting, STEP, BOUND).await;
+    assert_eq!(advanced, STEP, "cut when the idle timeout is up");
+    let error = error.expect_err("the stall must end the body");
     assert_eq!(error.kind(), ErrorKind::BodyIdleTimeout, "{error:?}");
     assert!(error.may_have_reached_upstream());
-    assert!(waiting.elapsed() >= SHORT);
     assert!(bounded("end after error", body.frame()).await.is_none());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn slow_steady_stream_outlives_the_idle_timeout() {
+    let _frozen = freeze();
     const IDLE: Duration = Duration::from_millis(400);
     const GAP: Duration = Duration::from_millis(100);
     const CHUNKS: usize = 7;
@@ -401,15 +442,17 @@ async fn slow_steady_stream_outlives_the_idle_timeout() {
         ..config()
     });
 
-    let started = Instant::now();
     let response = send(&client, request(&server.url("http", "/stream"))).await;
-    let (data, error) = drain(response.into_body()).await;
+    let draining = tokio::spawn(drain(response.into_body()));
+    let ((data, error), advanced) = finish(draining, GAP, BOUND).await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(data, b"0123456");
-    assert!(
-        started.elapsed() > IDLE,
-        "the stream must have lasted longer than the idle timeout"
+    assert_eq!(
+        advanced,
+        GAP * 7,
+        "seven gaps: the stream outlived the idle timeout"
     );
+    assert!(advanced > IDLE);
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kcp_core::{Secret, Strategy};
+use kcp_core::{RetryPolicy, Secret, Strategy};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration apart from the API keys, which `load` resolves separately.
@@ -158,9 +158,9 @@ impl Default for UpstreamSection {
             base_url: "https://api.openai.com/v1".to_owned(),
             connect_timeout_ms: 3_000,
             request_timeout_ms: 600_000,
-            retry_initial_backoff_ms: 50,
-            retry_max_backoff_ms: 2_000,
-            max_retries: 3,
+            retry_initial_backoff_ms: millis(RetryPolicy::default().backoff.initial),
+            retry_max_backoff_ms: millis(RetryPolicy::default().backoff.max),
+            max_retries: RetryPolicy::default().max_retries,
             stream_idle_timeout_ms: 60_000,
             ca_file: None,
         }
@@ -228,6 +228,13 @@ pub struct RateLimitSection {
     pub max_wait_ms: u64,
     /// Requests that may wait for capacity at once; more are refused.
     pub max_queue: usize,
+    /// Delay target of the wait queue: once waits have stayed above it for
+    /// `queue_interval_ms`, the queue is standing and new excess is answered at once (429 with
+    /// `Retry-After`) instead of waiting up to `max_wait_ms`.
+    pub queue_target_ms: u64,
+    /// How long waits must stay above `queue_target_ms` before excess is shed. Raise it to let
+    /// longer bursts wait (batch jobs), at the cost of latency under sustained overload.
+    pub queue_interval_ms: u64,
     /// Completion tokens assumed for a request without `max_tokens`, for `tpm` accounting.
     pub default_completion_tokens: u32,
 }
@@ -238,8 +245,10 @@ impl Default for RateLimitSection {
             per_key_rps: None,
             global_rps: None,
             burst: 10,
-            max_wait_ms: 5_000,
-            max_queue: 1_024,
+            max_wait_ms: millis(RetryPolicy::default().max_wait),
+            max_queue: RetryPolicy::default().max_queue,
+            queue_target_ms: millis(RetryPolicy::default().queue_delay.target),
+            queue_interval_ms: millis(RetryPolicy::default().queue_delay.interval),
             default_completion_tokens: 256,
         }
     }
@@ -250,6 +259,19 @@ impl RateLimitSection {
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
     }
+
+    /// The wait queue's delay control.
+    pub fn queue_delay(&self) -> kcp_core::DelayControl {
+        kcp_core::DelayControl {
+            target: Duration::from_millis(self.queue_target_ms),
+            interval: Duration::from_millis(self.queue_interval_ms),
+        }
+    }
+}
+
+/// A default given in kcp-core as a duration, in the config's milliseconds.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `[observability]`: logs, metrics and the admin API.

@@ -77,6 +77,7 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
         backoff,
         max_wait: config.rate_limit.max_wait(),
         max_queue: config.rate_limit.max_queue,
+        queue_delay: config.rate_limit.queue_delay(),
         max_unavailable_rest: backoff.max,
         ..RetryPolicy::default()
     }
@@ -432,6 +433,16 @@ mod tests {
         assert_eq!(policy.backoff.max, Duration::from_millis(2000));
         assert_eq!(policy.max_unavailable_rest, policy.backoff.max);
         assert_eq!(policy.max_waits, RetryPolicy::default().max_waits);
+        config.rate_limit.queue_interval_ms = 900;
+        assert_eq!(
+            retry_policy(&config).queue_delay.interval,
+            Duration::from_millis(900)
+        );
+        assert_eq!(
+            retry_policy(&Config::default()),
+            RetryPolicy::default(),
+            "the config's defaults are kcp-core's"
+        );
     }
 
     #[test]

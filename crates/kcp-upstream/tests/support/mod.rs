@@ -1,6 +1,8 @@
 //! In-process upstreams for the client tests: hyper servers (plain or TLS) and raw TCP scripts
 //! for behaviours hyper would never produce (stalls, truncated bodies).
 
+pub mod time;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;

@@ -1,5 +1,4 @@
-//! Helpers of the `observability_*` test binaries: named keys, metric scrapes, captured logs.
-#![allow(dead_code)]
+//! Named keys, metric scrapes and captured logs: what the observability tests look at.
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -11,12 +10,12 @@ use key_cycle_proxy::server::config::{Config, LoadedConfig, LogFormat};
 use key_cycle_proxy::server::observe::{logging, metrics};
 use serde_json::Value;
 
-use crate::support::proxy_harness::{Proxy, loaded_config, read, send_with};
+use super::proxy_harness::{Proxy, loaded_config, read, send_with};
 
 /// A configuration of named keys `(name, secret, models)` at `url`, rotating in plain round
 /// robin so the first request goes to the first key, then [`test_config`] changed by `tweak`.
 ///
-/// [`test_config`]: crate::support::proxy_harness::test_config
+/// [`test_config`]: super::proxy_harness::test_config
 pub fn named_keys(
     url: &str,
     keys: &[(&str, &str, &[&str])],

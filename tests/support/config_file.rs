@@ -1,6 +1,5 @@
 //! A `config.toml` in the temp directory that a test rewrites, and the command line that
 //! points the server at it: how the reload tests change the configuration of a running proxy.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
