@@ -81,8 +81,7 @@ where
         return path::method_not_allowed(method);
     }
     let max_head = ctx.generation.config.config.server.max_header_bytes;
-    let (parts, body) = request.into_parts();
-    if let Err(error) = head::check(&parts, max_head) {
+    if let Err(error) = head::check(&request, max_head) {
         // As hyper does for the heads it refuses itself: the connection is not reused.
         let mut response: Response<ProxyBody> = error.into_response();
         response
@@ -90,8 +89,6 @@ where
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return response;
     }
-    let request = Request::from_parts(parts, body);
-    let method = request.method();
     let target = match path::normalize(request.uri()) {
         Ok(target) => target,
         Err(error) => return error.into_openai().into_response(),

@@ -6,29 +6,26 @@
 //! as HTTP/1.1 sends it (request line, `name: value` lines, blank line), which for h2 is close
 //! to the HPACK header list size.
 
-use http::StatusCode;
-use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode, Uri};
 
 use crate::edge::openai_error::OpenAiError;
 
-/// Bytes of `parts` as an HTTP/1.1 head.
-pub fn size(parts: &Parts) -> usize {
-    let target = parts
-        .uri
+/// Bytes of a request head as HTTP/1.1 sends it.
+pub fn size(method: &Method, uri: &Uri, headers: &HeaderMap) -> usize {
+    let target = uri
         .path_and_query()
-        .map_or(parts.uri.path().len(), |pq| pq.as_str().len());
-    let request_line = parts.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
-    let headers: usize = parts
-        .headers
+        .map_or(uri.path().len(), |pq| pq.as_str().len());
+    let request_line = method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let headers: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
         .sum();
     request_line + headers + 2
 }
 
-/// 431 in OpenAI's shape when `parts` is larger than `max` bytes.
-pub fn check(parts: &Parts, max: usize) -> Result<(), OpenAiError> {
-    let size = size(parts);
+/// 431 in OpenAI's shape when `request`'s head is larger than `max` bytes.
+pub fn check<B>(request: &http::Request<B>, max: usize) -> Result<(), OpenAiError> {
+    let size = size(request.method(), request.uri(), request.headers());
     if size <= max {
         return Ok(());
     }
@@ -44,26 +41,25 @@ pub fn check(parts: &Parts, max: usize) -> Result<(), OpenAiError> {
 mod tests {
     use super::*;
 
-    fn parts(filler: usize) -> Parts {
-        let (parts, ()) = http::Request::get("/v1/models?x=1")
+    fn request(filler: usize) -> http::Request<()> {
+        http::Request::get("/v1/models?x=1")
             .header("host", "kcp")
             .header("x-filler", "f".repeat(filler))
             .body(())
             .expect("valid request")
-            .into_parts();
-        parts
     }
 
     #[test]
     fn size_counts_the_http1_head() {
         // "GET /v1/models?x=1 HTTP/1.1\r\n" + "host: kcp\r\n" + "x-filler: fff\r\n" + "\r\n"
-        assert_eq!(size(&parts(3)), 29 + 11 + 15 + 2);
+        let r = request(3);
+        assert_eq!(size(r.method(), r.uri(), r.headers()), 29 + 11 + 15 + 2);
     }
 
     #[test]
     fn over_the_limit_is_431_in_openai_shape() {
-        assert!(check(&parts(100), 1024).is_ok());
-        let error = check(&parts(2000), 1024).expect_err("too large");
+        assert!(check(&request(100), 1024).is_ok());
+        let error = check(&request(2000), 1024).expect_err("too large");
         assert_eq!(error.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         assert_eq!(error.code, "request_header_too_large");
     }

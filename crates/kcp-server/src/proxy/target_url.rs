@@ -9,10 +9,12 @@
 use http::Uri;
 use http::uri::InvalidUri;
 
-/// The key url without trailing slashes and without a trailing `/v1`.
+/// The key url without trailing slashes and without a trailing `/v1`: the same rule by which
+/// kcp-core tells two key urls apart (`KeySpec::same_key`), so two keys it counts as one
+/// always reach the same upstream.
 pub fn base(url: &str) -> &str {
     let url = url.trim_end_matches('/');
-    url.strip_suffix("/v1").unwrap_or(url)
+    url.strip_suffix("/v1").unwrap_or(url).trim_end_matches('/')
 }
 
 /// The upstream URI for a client request target `path_and_query` (`/v1/...?...`) on a key
@@ -55,6 +57,11 @@ mod tests {
                 .expect("valid")
                 .to_string(),
             "http://h/prefix/v1/models"
+        );
+        assert_eq!(
+            base("https://h//v1/"),
+            "https://h",
+            "as kcp-core's key identity"
         );
     }
 
