@@ -50,6 +50,7 @@ async fn the_smoke_plan_answers_every_request_and_the_counts_add_up() {
         }
     }
     let table = economy::table(&figures);
+    println!("{table}");
     assert!(table.starts_with("| scenario | measure | target | measured | met |\n"));
     for name in names {
         assert!(table.contains(&format!("| {name} | goodput |")) || name == "burst");
