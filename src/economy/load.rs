@@ -65,7 +65,7 @@ pub fn schedule(scenario: &Scenario, pool: &Pool, seed: u64) -> Vec<Duration> {
             loop {
                 // 1 - U is in (0, 1]: the logarithm is finite.
                 t += -(1.0 - rng.unit()).ln() / rate;
-                if !(t < duration.as_secs_f64()) {
+                if !t.is_finite() || t >= duration.as_secs_f64() {
                     return due;
                 }
                 due.push(Duration::from_secs_f64(t));
