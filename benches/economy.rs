@@ -3,13 +3,14 @@
 //! `docs/key-economy.md`, section "Measured through the real server".
 //!
 //! ```text
-//! cargo bench --bench economy                      # full run, about 90 s after the build
+//! cargo build --release -p kcp-server              # the server under test, first
+//! cargo bench --bench economy                      # full run, about 90 s
 //! cargo bench --bench economy -- --smoke           # 2 s per scenario
 //! cargo bench --bench economy -- --scenario burst  # one of 80%, 150%, burst
 //! ```
 //!
-//! Other flags: `--server PATH` runs that binary instead of building
-//! `cargo build --release -p kcp-server`; `--seed N` changes the arrival times. Everything
+//! Other flags: `--server PATH` runs that binary instead of `target/release/kcp-server` (which
+//! is refused when a source of the server is newer); `--seed N` changes the arrival times. Everything
 //! listens on 127.0.0.1 only; the server is killed on exit and logs at warn to a file in the
 //! temp dir, whose path is printed.
 
@@ -17,7 +18,7 @@ use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use key_cycle_proxy::economy::{self, Plan, Pool};
 
@@ -88,7 +89,7 @@ fn run(options: Options) -> Result<(), String> {
     }
     let binary = match options.server {
         Some(path) => path,
-        None => build_server()?,
+        None => release_server()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -128,26 +129,48 @@ async fn measure(binary: &Path, plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-/// `cargo build --release -p kcp-server`, then the binary's path.
-fn build_server() -> Result<PathBuf, String> {
+/// `target/release/kcp-server`, refused if any source of the server is newer than it.
+///
+/// The bench does not run cargo itself: a cargo nested in `cargo bench` sees cargo's run-time
+/// environment, which reruns build scripts and rebuilds both the binary and the bench.
+fn release_server() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "kcp-server"])
-        .current_dir(root)
-        .status()
-        .map_err(|e| format!("cargo build: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo build --release -p kcp-server: {status}"));
-    }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let binary = target.join("release").join("kcp-server");
-    if binary.is_file() {
-        Ok(binary)
-    } else {
-        Err(format!("no server binary at {}", binary.display()))
+    let build = "run `cargo build --release -p kcp-server` first";
+    let built = modified(&binary).ok_or_else(|| format!("no {}: {build}", binary.display()))?;
+    let sources = ["kcp-core", "kcp-upstream", "kcp-server"]
+        .iter()
+        .map(|krate| root.join("crates").join(krate))
+        .chain([root.join("Cargo.lock")]);
+    for source in sources {
+        if let Some(newer) = newer_than(&source, built) {
+            return Err(format!(
+                "{} is newer than {}: {build}",
+                newer.display(),
+                binary.display()
+            ));
+        }
     }
+    Ok(binary)
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// A file under `path` (or `path` itself) modified after `time`, skipping `target` dirs.
+fn newer_than(path: &Path, time: SystemTime) -> Option<PathBuf> {
+    if path.is_dir() {
+        let entries = std::fs::read_dir(path).ok()?;
+        return entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|child| !child.ends_with("target"))
+            .find_map(|child| newer_than(&child, time));
+    }
+    (modified(path)? > time).then(|| path.to_owned())
 }
 
 /// A loopback port that was free a moment ago (bound, read, released).
