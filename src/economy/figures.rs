@@ -140,6 +140,10 @@ impl Figures {
                 self.upstream.calls, self.upstream.rate_limited, self.upstream.requests
             ),
         ));
+        rows.push(Row::info(
+            "span / what the buckets allowed",
+            format!("{:.1} s / {:.0}", self.span.as_secs_f64(), self.allowance),
+        ));
         match self.shape {
             Shape::Poisson { load, .. } if load <= 1.0 => {
                 rows.push(Row::at_least("goodput", self.goodput(), 0.999, fraction));
