@@ -33,12 +33,7 @@ async fn the_smoke_plan_answers_every_request_and_the_counts_add_up() {
     for (f, scenario) in figures.iter().zip(&plan.scenarios) {
         assert!(f.requests > 0, "{}: no requests", f.scenario);
         assert_eq!(f.unanswered, 0, "{}: unanswered requests", f.scenario);
-        assert_eq!(
-            f.served + f.refused + f.other,
-            f.requests,
-            "{}: every request has one answer",
-            f.scenario
-        );
+        assert_eq!(f.other, 0, "{}: answers other than 200 or 429", f.scenario);
         // Each served request is exactly one success at the provider, and reached it.
         assert_eq!(f.upstream_served(), f.served as u64, "{}", f.scenario);
         assert!(f.upstream.requests >= f.served, "{}", f.scenario);
@@ -53,7 +48,7 @@ async fn the_smoke_plan_answers_every_request_and_the_counts_add_up() {
     println!("{table}");
     assert!(table.starts_with("| scenario | measure | target | measured | met |\n"));
     for name in names {
-        assert!(table.contains(&format!("| {name} | goodput |")) || name == "burst");
         assert!(table.contains(&format!("| {name} | requests: ")), "{table}");
     }
+    assert!(table.contains("| burst | served within 1 s |"), "{table}");
 }
