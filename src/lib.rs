@@ -7,4 +7,5 @@
 pub use kcp_core as core;
 pub use kcp_server as server;
 pub use kcp_upstream as upstream;
+pub mod economy;
 pub mod simulate;

@@ -12,7 +12,9 @@
 //! [`MockUpstream::ca_file`].
 //!
 //! A key can also be given OpenAI's rate limiting ([`MockUpstream::limit`], see [`rate_limit`]):
-//! a refilling bucket checked before the key's behaviour.
+//! a refilling bucket checked before the key's behaviour. [`MockUpstream::set_latency`] makes
+//! every answer but a rate-limit 429 take a fixed time, as a real model does; load benchmarks
+//! subtract it to see what the proxy adds.
 //!
 //! It is a crate of its own, not a test module, so that `kcp-server demo` plays the very same
 //! upstream the tests do.
@@ -338,6 +340,18 @@ impl MockUpstream {
         self.shared.state().buckets.insert(key.to_owned(), bucket);
     }
 
+    /// Holds every answer except a rate-limit 429 for `latency` before its head is sent
+    /// (initially zero). The bucket is charged on arrival, as OpenAI's is; its refusals are
+    /// answered at once, as OpenAI's are.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.state().latency = latency;
+    }
+
+    /// 429s answered so far because a key's bucket ([`MockUpstream::limit`]) was empty.
+    pub fn rate_limited(&self) -> u64 {
+        self.shared.rate_limited.load(Ordering::SeqCst)
+    }
+
     /// Whether requests are kept for [`MockUpstream::calls`] (on by default). A long-running
     /// mock (the demo) turns it off so memory stays flat; counts per key are still kept.
     pub fn keep_calls(&self, keep: bool) {
@@ -431,6 +445,8 @@ struct Shared {
     connections: AtomicUsize,
     cancelled: AtomicUsize,
     responses: AtomicU64,
+    /// Refusals of an empty bucket.
+    rate_limited: AtomicU64,
     /// Woken on every new call, connection and cancellation.
     changed: Notify,
 }
@@ -445,6 +461,8 @@ struct State {
     seen: HashMap<String, u64>,
     keep_calls: bool,
     calls: Vec<Call>,
+    /// Time every answer but a bucket's 429 is held.
+    latency: Duration,
 }
 
 impl Default for State {
@@ -457,6 +475,7 @@ impl Default for State {
             seen: HashMap::new(),
             keep_calls: true,
             calls: Vec::new(),
+            latency: Duration::ZERO,
         }
     }
 }
@@ -468,8 +487,9 @@ impl Shared {
     }
 
     /// Records `call` and picks its behaviour: the key's rate limit if it is spent, else
-    /// script step, then key default, then default. Also the key's rate-limit verdict.
-    fn record(&self, call: Call, tokens: u64) -> (Behaviour, Option<Verdict>) {
+    /// script step, then key default, then default. Also the key's rate-limit verdict and how
+    /// long to hold the answer.
+    fn record(&self, call: Call, tokens: u64) -> (Behaviour, Option<Verdict>, Duration) {
         let mut state = self.state();
         let state = &mut *state;
         let mut nth = 0;
@@ -491,11 +511,17 @@ impl Shared {
         let behaviour = behaviour
             .unwrap_or_else(|| state.default.clone())
             .for_call(nth);
+        let latency = if matches!(verdict, Some(Verdict::Exceeded { .. })) {
+            self.rate_limited.fetch_add(1, Ordering::SeqCst);
+            Duration::ZERO
+        } else {
+            state.latency
+        };
         if state.keep_calls {
             state.calls.push(call);
         }
         self.changed.notify_waiters();
-        (behaviour, verdict)
+        (behaviour, verdict, latency)
     }
 
     fn bump(&self, counter: &AtomicUsize) {
@@ -709,7 +735,10 @@ async fn respond(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBo
         body,
         version: parts.version,
     };
-    let (behaviour, verdict) = shared.record(call, received.tokens());
+    let (behaviour, verdict, latency) = shared.record(call, received.tokens());
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let n = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
     let mut response = match (behaviour, verdict) {
         (

@@ -1,6 +1,7 @@
 //! The rate limit as a client sees it over HTTP: burst served with OpenAI's headers, then 429.
 
 use std::num::NonZeroU32;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -64,6 +65,37 @@ async fn a_limited_key_serves_its_burst_then_answers_429_with_openai_headers() {
     assert_eq!(status, 200);
     assert!(headers.get("x-ratelimit-limit-requests").is_none());
     assert_eq!(mock.seen("sk-busy"), 4);
+    assert_eq!(mock.rate_limited(), 1);
+}
+
+#[tokio::test]
+async fn latency_holds_answers_but_not_a_spent_buckets_429() {
+    let mock = std::sync::Arc::new(MockUpstream::start().await);
+    let rpm = NonZeroU32::new(60).expect("non-zero");
+    // One request's worth of bucket: the second request at once is refused.
+    mock.limit(
+        "sk-busy",
+        RateLimit::per_minute(rpm).with_burst(Duration::from_secs(1)),
+    );
+    let (status, _, _) = chat(&mock, "sk-busy").await;
+    assert_eq!(status, 200);
+    mock.set_latency(Duration::from_secs(3_600));
+    let held = tokio::spawn({
+        let mock = std::sync::Arc::clone(&mock);
+        async move { chat(&mock, "sk-free").await }
+    });
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(10), chat(&mock, "sk-busy"))
+        .await
+        .expect("a refusal is not held");
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(mock.rate_limited(), 1);
+    assert!(
+        mock.wait_calls(3, Duration::from_secs(10)).await,
+        "the held request arrived"
+    );
+    assert!(!held.is_finished(), "an answer held for an hour came back");
+    held.abort();
 }
 
 #[tokio::test]
