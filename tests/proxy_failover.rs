@@ -164,7 +164,8 @@ async fn refused_connections_end_in_502() {
         config.upstream.max_retries = 1;
     })
     .await;
-    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), STEP, WAIT_LIMIT).await;
+    // One step covers any backoff: the request needs at most one.
+    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), BACKOFF_CAP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_code(), "upstream_unavailable");
     assert!(
@@ -446,7 +447,7 @@ async fn a_retry_goes_back_to_the_failed_key_when_the_others_rest_long() {
     let proxy = two_keys(&mock, |_| {}).await;
     // A rests for 30 s, beyond max_wait: B's failure is retried on B at once.
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), STEP, WAIT_LIMIT).await;
+    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), BACKOFF_CAP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
         advanced <= BACKOFF_CAP,
