@@ -11,7 +11,7 @@ use support::proxy_harness::{
     Proxy, Reply, client, closed_port_url, loaded_config, read, resolved_key, send_with,
     start_loaded, start_proxy,
 };
-use support::time::{advance, eventually, finish, freeze, still_running};
+use support::time::{advance, advance_until, eventually, finish, freeze, still_running};
 use support::{Behaviour, KEY_A, KEY_B, MockUpstream, two_keys};
 
 /// Steps of paused time for requests that only back off between tries.
@@ -161,7 +161,8 @@ async fn refused_connections_end_in_502() {
         config.upstream.max_retries = 1;
     })
     .await;
-    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), STEP, WAIT_LIMIT).await;
+    // One step covers any backoff: the request needs at most one.
+    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), BACKOFF_CAP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_code(), "upstream_unavailable");
     assert!(
@@ -175,7 +176,7 @@ async fn refused_connections_end_in_502() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn hanging_upstream_ends_in_504_and_is_cancelled() {
+async fn a_hanging_upstream_is_retried_after_a_backoff_then_ends_in_504() {
     let _frozen = freeze();
     let mock = MockUpstream::start().await;
     mock.set(KEY_A, Behaviour::Hang);
@@ -184,24 +185,35 @@ async fn hanging_upstream_ends_in_504_and_is_cancelled() {
         config.upstream.max_retries = 1;
     })
     .await;
-    let pending = proxy.spawn_chat("gpt-4o");
+    // With an Idempotency-Key a POST that may have reached the provider may be sent again.
+    let mut request = proxy.chat_request("gpt-4o");
+    request.headers_mut().insert(
+        "idempotency-key",
+        http::HeaderValue::from_static("retry-me"),
+    );
+    let pending = proxy.spawn(request);
     assert!(eventually(|| mock.calls_for(KEY_A) == 1).await);
     advance(Duration::from_millis(199)).await;
     assert!(still_running(&pending).await, "the first try has 200 ms");
     assert_eq!(mock.calls_for(KEY_A), 1);
-    let (reply, advanced) = finish(pending, STEP, WAIT_LIMIT).await;
+    // The first try times out at 200 ms; the retry is sent after its backoff, at the step
+    // that ends it: the retry then has its own 200 ms, not a millisecond less.
+    let to_retry = advance_until(STEP, WAIT_LIMIT, || mock.calls_for(KEY_A) == 2).await;
+    assert!(
+        to_retry <= BACKOFF_CAP + STEP * 2,
+        "one backoff: {to_retry:?}"
+    );
+    advance(Duration::from_millis(199)).await;
+    assert!(still_running(&pending).await, "the retry has 200 ms");
+    advance(Duration::from_millis(1)).await;
+    assert!(
+        eventually(|| pending.is_finished()).await,
+        "the retry timed out"
+    );
+    let reply = pending.await.expect("no panic");
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(reply.error_code(), "upstream_timeout");
-    assert_eq!(
-        mock.calls_for(KEY_A),
-        1,
-        "a POST that may have reached the provider is not sent again"
-    );
-    let total = advanced + Duration::from_millis(199);
-    assert!(
-        total >= Duration::from_millis(200) && total <= Duration::from_millis(200) + STEP,
-        "one timeout of 200 ms, no backoff: {total:?}"
-    );
+    assert_eq!(mock.calls_for(KEY_A), 2, "one retry");
     assert!(
         mock.wait_cancelled(1, Duration::from_secs(2)).await,
         "timed-out requests are dropped upstream"
@@ -221,7 +233,8 @@ async fn all_keys_briefly_rate_limited_means_waiting_then_success() {
     mock.script(KEY_B, vec![limited]);
     let proxy = two_keys(&mock, |config| config.rate_limit.max_wait_ms = 2_000).await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(eventually(|| mock.calls().len() == 2).await);
+    let resting = |key| proxy.key_status(key).0 == KeyStatus::Cooling;
+    assert!(eventually(|| resting(KEY_A) && resting(KEY_B)).await);
     advance(Duration::from_millis(299)).await;
     assert!(still_running(&pending).await, "both keys rest for 300 ms");
     assert_eq!(mock.calls().len(), 2);
@@ -344,7 +357,9 @@ async fn a_503_retry_after_within_the_cap_is_waited_out() {
     })
     .await;
     let pending = proxy.spawn_chat("gpt-4o");
-    assert!(eventually(|| mock.calls().len() == 1).await);
+    // The key rests from when the proxy read the 503 (at time zero), however late the
+    // runtime gets to it.
+    assert!(eventually(|| proxy.key_status(KEY_A).0 == KeyStatus::Cooling).await);
     advance(Duration::from_millis(999)).await;
     assert!(still_running(&pending).await, "Retry-After honoured");
     assert_eq!(mock.calls().len(), 1);
@@ -457,7 +472,7 @@ async fn a_retry_goes_back_to_the_failed_key_when_the_others_rest_long() {
     let proxy = two_keys(&mock, |_| {}).await;
     // A rests for 30 s, beyond max_wait: B's failure is retried on B at once.
     assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
-    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), STEP, WAIT_LIMIT).await;
+    let (reply, advanced) = finish(proxy.spawn_chat("gpt-4o"), BACKOFF_CAP, WAIT_LIMIT).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
         advanced <= BACKOFF_CAP,

@@ -277,6 +277,14 @@ mod tests {
         let until = g.rate_limited(3, rest, t + WINDOW, false);
         assert_eq!(until, Some(t + WINDOW + rest), "4 of 6");
 
+        let g = group(3);
+        assert_eq!(g.rate_limited(0, rest, t, false), None);
+        assert_eq!(
+            g.rate_limited(1, rest, t, false),
+            Some(t + rest),
+            "2 of 3: the smallest group that counts"
+        );
+
         let g = group(4);
         assert_eq!(g.rate_limited(0, rest, t, false), None);
         assert_eq!(g.rate_limited(1, rest, t, false), None);

@@ -771,3 +771,73 @@ fn snapshot_and_counts_report_each_keys_state() {
         ]
     );
 }
+
+#[test]
+fn snapshot_shows_a_paced_key_as_limited_and_counts_throttled_groups() {
+    let org = |name: &str, rpm: Option<u32>| {
+        let mut spec = key(name, &["others"]);
+        if let Some(rpm) = rpm {
+            spec = spec.with_rpm(rpm);
+        }
+        spec.organization = Some("org-shared".to_owned());
+        spec
+    };
+    let paced = |name: &str| org(name, Some(60));
+    let p = pool(
+        vec![paced("a"), paced("b"), paced("c")],
+        Strategy::RoundRobin,
+    );
+    let mut rng = SplitMix64::new(1);
+    let t0 = Time::from_secs(100);
+    // 60 rpm: one request a second; a first one spends the key's pace.
+    lease_on(&p, "a", t0, &mut rng).record(ok(), t0);
+    let a = p
+        .snapshot(t0)
+        .into_iter()
+        .find(|k| k.name == "a")
+        .expect("a");
+    assert_eq!(a.status, KeyStatus::Limited);
+    assert_eq!(a.blocked_secs, Some(1.0));
+    assert_eq!(p.counts(t0).limited, 1);
+    assert_eq!(p.throttled_groups(t0), 0);
+
+    // Two of the organization's three keys get a 429 at once: the whole group rests.
+    let unpaced = |name: &str| org(name, None);
+    let p = pool(
+        vec![unpaced("a"), unpaced("b"), unpaced("c")],
+        Strategy::RoundRobin,
+    );
+    let later = t0 + Duration::from_secs(10);
+    let limited = || Outcome::RateLimited {
+        limits: RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(20)),
+            ..RateLimitHeaders::default()
+        },
+    };
+    let a = lease_on(&p, "a", later, &mut rng);
+    let b = lease_on(&p, "b", later, &mut rng);
+    a.record(limited(), later);
+    b.record(limited(), later);
+    assert_eq!(p.throttled_groups(later), 1);
+    let c = p
+        .snapshot(later)
+        .into_iter()
+        .find(|k| k.name == "c")
+        .expect("c");
+    assert_eq!(
+        (c.status, c.blocked_secs),
+        (KeyStatus::Throttled, Some(20.0))
+    );
+    // After the rest one probe goes; its success lifts the throttle.
+    let after = later + Duration::from_secs(21);
+    assert_eq!(
+        p.throttled_groups(after),
+        1,
+        "until the probe says otherwise"
+    );
+    let probe = p
+        .select(&Demand::default(), after, &mut rng)
+        .expect("the probe");
+    probe.record(ok(), after);
+    assert_eq!(p.throttled_groups(after), 0);
+}
