@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use key_cycle_proxy::core::Strategy;
+use support::observe::metric;
 use support::proxy_harness::{Proxy, WAIT, start_proxy};
 use support::{Behaviour, MockUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,19 +46,6 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     })
     .await;
     String::from_utf8_lossy(&read).into_owned()
-}
-
-/// The value of the metric line starting with `series` (name and labels), or 0.
-async fn metric(proxy: &Proxy, series: &str) -> f64 {
-    let request = http::Request::get(proxy.metrics_url("/metrics"))
-        .body(http_body_util::Full::new(Bytes::new()))
-        .expect("request");
-    let reply = proxy.call(request).await;
-    reply
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

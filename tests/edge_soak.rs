@@ -16,7 +16,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::proxy_harness::{Proxy, WAIT, start_proxy};
+use support::observe::metric;
+use support::proxy_harness::{WAIT, start_proxy};
 use support::{Behaviour, MockUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -34,19 +35,6 @@ const SLOW_BODIES: usize = 12;
 const NON_READERS: usize = 4;
 const IDLE_H2: usize = 20;
 const MAX_INFLIGHT: usize = 32;
-
-async fn metric(proxy: &Proxy, series: &str) -> f64 {
-    let request = http::Request::get(proxy.metrics_url("/metrics"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    proxy
-        .call(request)
-        .await
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// One slow-body client, over and over until `done` (at least once): a head promising 1000
 /// bytes, then a byte every 150 ms. Returns how many times it was answered 408.

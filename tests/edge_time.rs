@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::config::Config;
+use support::observe::{metric, wait_metric};
 use support::proxy_harness::{Proxy, Reply, WAIT, loaded_config, start_loaded, start_proxy};
 use support::{Behaviour, MockUpstream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -23,31 +24,6 @@ const KEY_A: &str = "sk-test-time-alpha-000001";
 const KEY_B: &str = "sk-test-time-beta-0000002";
 const CLIENT_KEY: &str = "kcp-client-time-4c1d9e";
 const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-
-/// The value of the metric line starting with `series` (name and labels), or 0.
-async fn metric(proxy: &Proxy, series: &str) -> f64 {
-    let request = http::Request::get(proxy.metrics_url("/metrics"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    proxy
-        .call(request)
-        .await
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Polls `metric` until it equals `want`, bounded by `WAIT`.
-async fn wait_metric(proxy: &Proxy, series: &str, want: f64) -> bool {
-    tokio::time::timeout(WAIT, async {
-        while metric(proxy, series).await != want {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .is_ok()
-}
 
 /// Reads from `tcp` until the server closes it, bounded by `WAIT`; what was read.
 async fn read_to_close(tcp: &mut TcpStream) -> Option<String> {

@@ -61,6 +61,23 @@ pub fn value(text: &str, selector: &str) -> Option<f64> {
     })
 }
 
+/// The value of the sample `selector` (name and labels, exactly) in a fresh scrape; 0 when the
+/// series is absent.
+pub async fn metric(proxy: &Proxy, selector: &str) -> f64 {
+    value(&scrape(proxy).await, selector).unwrap_or(0.0)
+}
+
+/// Polls [`metric`] until it equals `want`, bounded by the kit's `WAIT`; whether it did.
+pub async fn wait_metric(proxy: &Proxy, selector: &str, want: f64) -> bool {
+    tokio::time::timeout(super::proxy_harness::WAIT, async {
+        while metric(proxy, selector).await != want {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// Every line logged in this test binary, as written.
 #[derive(Clone, Default)]
 pub struct Captured(Arc<Mutex<Vec<u8>>>);
