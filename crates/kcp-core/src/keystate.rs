@@ -125,11 +125,11 @@ pub(crate) enum Trial {
 }
 
 #[derive(Debug, Default)]
-struct Policy {
-    cooldown: Cooldown,
+pub(crate) struct Policy {
+    pub(crate) cooldown: Cooldown,
     circuit: Circuit,
-    disabled: Option<Disabled>,
-    pace: Pace,
+    pub(crate) disabled: Option<Disabled>,
+    pub(crate) pace: Pace,
     /// When a re-check last brought the key back, and the wait it had been on.
     recovered: Option<(Time, Duration)>,
 }
@@ -143,7 +143,7 @@ pub const RELAPSE_WINDOW: Duration = Duration::from_secs(600);
 impl Policy {
     /// At rest: no 429 streak, circuit closed with no failures counted, enabled, full pace.
     /// A success changes nothing here then, so it can skip the lock.
-    fn is_calm(&self) -> bool {
+    pub(crate) fn is_calm(&self) -> bool {
         self.cooldown.is_calm()
             && self.circuit == Circuit::default()
             && self.disabled.is_none()
@@ -177,7 +177,7 @@ pub struct KeyState {
     /// once; it puts the key in a throttle group with the other keys of that organization.
     pub(crate) organization: OnceLock<Box<str>>,
     /// Mirrors `Policy::is_calm` for the lock-free success path.
-    calm: AtomicBool,
+    pub(crate) calm: AtomicBool,
     policy: Mutex<Policy>,
     jitter: Mutex<SplitMix64>,
 }
@@ -208,13 +208,13 @@ impl KeyState {
         state
     }
 
-    fn policy(&self) -> MutexGuard<'_, Policy> {
+    pub(crate) fn policy(&self) -> MutexGuard<'_, Policy> {
         // The policy structs stay consistent at every step, so a poisoned lock is still usable.
         self.policy.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sets the pace limiter from the learned request limit and the AIMD factor.
-    fn repace(&self, pace: &Pace) {
+    pub(crate) fn repace(&self, pace: &Pace) {
         let Some(rpm) = self.requests.limit() else {
             return;
         };
@@ -380,7 +380,7 @@ impl KeyState {
 
     /// Republishes the gate from the policy: closed until the later of cooldown and open
     /// circuit, with a trial when the circuit is what holds it.
-    fn publish(&self, policy: &Policy, now: Time) {
+    pub(crate) fn publish(&self, policy: &Policy, now: Time) {
         let cooling = Some(policy.cooldown.until()).filter(|&t| t > now);
         match (cooling, policy.circuit.open_until()) {
             (None, None) => self.gate.set(None, false),
@@ -420,7 +420,7 @@ impl KeyState {
     }
 
     /// Publishes when a key disabled for its quota or bill may take its one real request.
-    fn publish_trial(&self, disabled: Option<Disabled>) {
+    pub(crate) fn publish_trial(&self, disabled: Option<Disabled>) {
         let at = disabled
             .filter(|d| d.reason.rechecked_by_request())
             .map_or(u64::MAX, |d| d.probe_at.as_nanos());

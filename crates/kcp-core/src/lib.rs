@@ -31,6 +31,7 @@ mod refusal;
 mod rng;
 mod routing;
 mod secret;
+mod shared;
 mod snapshot;
 mod throttle;
 mod time;
@@ -51,5 +52,6 @@ pub use refusal::{FIRST_REST as FIRST_REFUSAL_REST, MAX_REST as MAX_REFUSAL_REST
 pub use rng::{Random, SplitMix64};
 pub use routing::{KeyIndex, MAX_GLOBS, RouteTable};
 pub use secret::Secret;
+pub use shared::{RemoteChange, SharedState};
 pub use snapshot::{KeySnapshot, KeyStatus, LearnedLimits, OutcomeCounts, PoolBudget, StateCounts};
 pub use time::Time;

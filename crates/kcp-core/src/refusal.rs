@@ -27,21 +27,21 @@ pub const MAX_REST: Duration = Duration::from_secs(3600);
 pub const MAX_SCOPES: usize = 64;
 
 #[derive(Debug, Clone)]
-struct Mark {
-    scope: Box<str>,
-    until: Time,
-    rest: Duration,
+pub(crate) struct Mark {
+    pub(crate) scope: Box<str>,
+    pub(crate) until: Time,
+    pub(crate) rest: Duration,
 }
 
 /// The scopes one key refused, and until when.
 #[derive(Debug, Default)]
 pub(crate) struct Refusals {
-    any: AtomicBool,
+    pub(crate) any: AtomicBool,
     marks: Mutex<Vec<Mark>>,
 }
 
 impl Refusals {
-    fn marks(&self) -> MutexGuard<'_, Vec<Mark>> {
+    pub(crate) fn marks(&self) -> MutexGuard<'_, Vec<Mark>> {
         // A mark list is consistent after every step; a poisoned lock is still usable.
         self.marks.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -72,6 +72,8 @@ pub struct App {
     pub(crate) reloads: tokio::sync::watch::Sender<u64>,
     /// Becomes true when the drain begins ([`App::drain_begun`]).
     drain_began: tokio::sync::watch::Sender<bool>,
+    /// `[cluster]`: sharing key state with other replicas; `None` without it.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl App {
@@ -86,6 +88,12 @@ impl App {
             Metrics::new(&registry).expect("a fresh registry holds none of the proxy's metrics");
         let inflight = InflightLimit::new(loaded.config.server.max_inflight);
         let queue = WaitQueue::new(loaded.config.rate_limit.max_queue);
+        let cluster = loaded
+            .config
+            .cluster
+            .as_ref()
+            .map(|section| crate::cluster::Cluster::new(section, &registry))
+            .transpose()?;
         let app = App {
             generation: ArcSwap::from_pointee(Generation::new(loaded, Arc::new(pool))),
             upstream,
@@ -97,6 +105,7 @@ impl App {
             source: Mutex::new(None),
             reloads: tokio::sync::watch::Sender::new(0),
             drain_began: tokio::sync::watch::Sender::new(false),
+            cluster,
         };
         app.on_pool_swapped(&app.pool());
         Ok(app)

@@ -106,6 +106,15 @@ where
 struct Health {
     status: &'static str,
     keys: StateCounts,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterHealth>,
+}
+
+/// `/health`'s word on `[cluster]`.
+#[derive(Serialize)]
+struct ClusterHealth {
+    replica: String,
+    redis_connected: bool,
 }
 
 /// `GET /health`: 200 with the key counts by state.
@@ -115,6 +124,10 @@ pub(crate) fn health(app: &App) -> Response<ProxyBody> {
         &Health {
             status: "ok",
             keys: app.key_counts(),
+            cluster: app.cluster.as_ref().map(|c| ClusterHealth {
+                replica: c.replica().to_owned(),
+                redis_connected: c.is_connected(),
+            }),
         },
     )
 }

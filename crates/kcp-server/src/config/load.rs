@@ -278,6 +278,7 @@ const TOP_LEVEL: &[&str] = &[
     "observability",
     "auth",
     "cors",
+    "cluster",
     "api_keys",
 ];
 
@@ -292,6 +293,10 @@ fn sections(figment: &Figment, origins: &Origins<'_>, problems: &mut Vec<Problem
         observability: section(figment, "observability", origins, problems),
         auth: section(figment, "auth", origins, problems),
         cors: section(figment, "cors", origins, problems),
+        cluster: figment
+            .find_value("cluster")
+            .is_ok()
+            .then(|| section(figment, "cluster", origins, problems)),
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub auth: AuthSection,
     /// Browser access.
     pub cors: CorsSection,
+    /// Replicas sharing key state through Redis; absent: this replica learns alone.
+    pub cluster: Option<crate::cluster::ClusterSection>,
 }
 
 /// `[server]`: the listener clients connect to.

@@ -29,6 +29,9 @@ pub(super) fn check(config: &Config, origins: &Origins<'_>, problems: &mut Vec<P
     rate_limit(&mut check, &config.rate_limit);
     observability(&mut check, &config.observability);
     cors(&mut check, &config.cors);
+    for (path, message, fix) in config.cluster.iter().flat_map(|c| c.problems()) {
+        check.fail(path, message, fix);
+    }
 }
 
 /// An open proxy (no client keys) may listen on loopback only, unless `[auth] allow_anonymous`

@@ -54,6 +54,9 @@ pub enum StartError {
     /// The key pool cannot be built from the configured keys.
     #[error("cannot build the key pool")]
     Pool(#[from] kcp_core::PoolError),
+    /// `[cluster]` cannot be set up.
+    #[error("cannot set up the cluster")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The upstream client cannot be built (`upstream.ca_file`).
     #[error("cannot set up the upstream client")]
     Upstream(#[from] kcp_upstream::BuildError),
@@ -154,6 +157,7 @@ impl Server {
         let mut limits = Limits::new(&app.generation().config.config.server);
         let slots = ConnectionSlots::default();
         let probes = tokio::spawn(probe::run(Arc::clone(&app)));
+        let cluster = tokio::spawn(crate::cluster::run(Arc::clone(&app)));
         let ops = tokio::spawn(ops_listener::run(ops, Arc::clone(&app)));
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
@@ -204,6 +208,7 @@ impl Server {
         };
         let drained = tokio::time::timeout(grace, drain).await.is_ok();
         probes.abort();
+        cluster.abort();
         ops.abort();
         if drained {
             return Ok(());

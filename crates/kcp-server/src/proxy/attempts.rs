@@ -262,6 +262,9 @@ impl Driver<'_> {
             .upstream_attempt(key.as_str(), outcome, ttfb);
         self.retry_reason = outcome.retry_reason();
         log_changes(key, &verdict.changes, now);
+        if let Some(cluster) = &self.app.cluster {
+            cluster.share(&self.pool, key, &verdict.changes, self.request.scope);
+        }
     }
 
     /// The client's answer when the attempt gives up.

@@ -73,6 +73,9 @@ pub async fn check(app: &App, lease: Lease) -> Changes {
         "key re-checked"
     );
     log_changes(&key, &changes, clock::now());
+    if let Some(cluster) = &app.cluster {
+        cluster.share(&app.pool(), &key, &changes, None);
+    }
     changes
 }
 

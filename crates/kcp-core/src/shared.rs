@@ -1,0 +1,494 @@
+//! Key state that replicas share.
+//!
+//! Several replicas in front of one key pool each learn by themselves that a key rests, is
+//! revoked or refuses a model, unless they tell each other. This module turns a local
+//! [`StateChange`] into a [`RemoteChange`] other replicas can apply, and applies theirs.
+//! A key is named by its fingerprint ([`crate::Secret::fingerprint`]), never by its secret
+//! nor its configured name, so replicas with different config files still agree on which
+//! key is which, and a key a replica does not have is ignored.
+//!
+//! Applying merges the way a local event would: the later rest deadline wins, a disabled key
+//! stays disabled with the later re-check, an operator's disable is only lifted by an
+//! operator. What is not shared: health, latency, circuits (they are about this replica's
+//! path to the provider), counters and in-flight figures. Transport and encoding are the
+//! embedding service's business; times here are this process's [`Time`].
+
+use std::sync::atomic::Ordering;
+
+use crate::key::KeyId;
+use crate::keystate::{KeyState, StateChange};
+use crate::outcome::DisableReason;
+use crate::pool::{KeyPool, PoolKey};
+use crate::probe::Disabled;
+use crate::refusal::{FIRST_REST, MAX_SCOPES, Mark};
+use crate::time::Time;
+
+/// One key's state change, as replicas tell each other.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteChange {
+    /// The key's fingerprint.
+    pub key: String,
+    /// What changed.
+    pub state: SharedState,
+}
+
+/// The shareable part of a key's state change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SharedState {
+    /// The key rests until then (a 429, or a 503 that asked for a rest).
+    Cooling {
+        /// End of the rest.
+        until: Time,
+    },
+    /// The key is out of rotation.
+    Disabled {
+        /// Why.
+        reason: DisableReason,
+        /// When it is looked at again (`Time::NEVER` for an operator's disable).
+        recheck_at: Time,
+    },
+    /// A re-check brought the key back.
+    Enabled,
+    /// The key refuses a model (or endpoint) until then.
+    ModelRefused {
+        /// The model or endpoint.
+        scope: String,
+        /// End of the mark.
+        until: Time,
+    },
+    /// What the provider reported of the key's limits (per minute).
+    Limits {
+        /// Requests per minute.
+        requests: Option<u64>,
+        /// Tokens per minute.
+        tokens: Option<u64>,
+    },
+}
+
+impl KeyPool {
+    fn key_by_id(&self, id: &KeyId) -> Option<&PoolKey> {
+        self.keys().iter().map(AsRef::as_ref).find(|k| &k.id == id)
+    }
+
+    fn key_by_fingerprint(&self, fingerprint: &str) -> Option<&PoolKey> {
+        self.keys()
+            .iter()
+            .map(AsRef::as_ref)
+            .find(|k| k.spec.secret.fingerprint() == fingerprint)
+    }
+
+    /// What the other replicas should hear of `change`, which the key `key` just went
+    /// through (as [`crate::Lease::record`] or [`crate::Attempt`] returned it). `scope` is the
+    /// request's refusal scope, needed to share a [`StateChange::ModelRefused`]. A rest also
+    /// carries the limits the key learned. Empty for changes that are not shared (circuits,
+    /// throttle groups) and for a key no longer in the pool.
+    pub fn export(
+        &self,
+        key: &KeyId,
+        change: &StateChange,
+        scope: Option<&str>,
+    ) -> Vec<RemoteChange> {
+        let Some(pool_key) = self.key_by_id(key) else {
+            return Vec::new();
+        };
+        let fingerprint = pool_key.spec.secret.fingerprint();
+        let state = &pool_key.state;
+        let mut out = Vec::with_capacity(2);
+        let mut push = |state| {
+            out.push(RemoteChange {
+                key: fingerprint.clone(),
+                state,
+            })
+        };
+        match *change {
+            StateChange::Cooling { until } => {
+                push(SharedState::Cooling { until });
+                let (requests, tokens) = (state.requests.limit(), state.tokens.limit());
+                if requests.is_some() || tokens.is_some() {
+                    push(SharedState::Limits { requests, tokens });
+                }
+            }
+            StateChange::Disabled { reason } => {
+                let recheck_at = state.policy().disabled.map_or(Time::NEVER, |d| d.probe_at);
+                push(SharedState::Disabled { reason, recheck_at });
+            }
+            StateChange::Enabled => push(SharedState::Enabled),
+            StateChange::ModelRefused { until } => {
+                if let Some(scope) = scope {
+                    push(SharedState::ModelRefused {
+                        scope: scope.to_owned(),
+                        until,
+                    });
+                }
+            }
+            StateChange::CircuitOpened { .. }
+            | StateChange::CircuitClosed
+            | StateChange::GroupThrottled { .. }
+            | StateChange::GroupRecovered => {}
+        }
+        out
+    }
+
+    /// Applies another replica's change at `now`; returns whether the pool has the key.
+    pub fn apply_remote(&self, change: &RemoteChange, now: Time) -> bool {
+        match self.key_by_fingerprint(&change.key) {
+            Some(key) => {
+                key.state.apply_remote(&change.state, now);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl KeyState {
+    /// Merges a remote change into this key's state, as a local event would.
+    pub(crate) fn apply_remote(&self, change: &SharedState, now: Time) {
+        match change {
+            SharedState::Cooling { until } => {
+                if *until <= now {
+                    return;
+                }
+                let mut policy = self.policy();
+                // The key rests: what was promised of its next cells no longer holds.
+                self.held.store(0, Ordering::Release);
+                policy.cooldown.rest_until(now, until.saturating_since(now));
+                self.calm.store(policy.is_calm(), Ordering::Release);
+                if !self.gate.trial_pending() {
+                    self.publish(&policy, now);
+                }
+            }
+            SharedState::Disabled { reason, recheck_at } => {
+                let mut policy = self.policy();
+                match &mut policy.disabled {
+                    Some(d) if d.reason == DisableReason::Manual => {}
+                    Some(d) => {
+                        d.probe_at = d.probe_at.max(*recheck_at);
+                        let d = *d;
+                        self.publish_trial(Some(d));
+                    }
+                    None => {
+                        let mut disabled = Disabled::new(*reason, now);
+                        if *reason != DisableReason::Manual {
+                            disabled.probe_at = (*recheck_at).max(now);
+                        }
+                        policy.disabled = Some(disabled);
+                        self.publish_trial(Some(disabled));
+                        self.disabled.store(true, Ordering::Release);
+                    }
+                }
+                self.calm.store(policy.is_calm(), Ordering::Release);
+            }
+            SharedState::Enabled => {
+                let mut policy = self.policy();
+                if policy
+                    .disabled
+                    .is_some_and(|d| d.reason != DisableReason::Manual)
+                {
+                    policy.disabled = None;
+                    self.publish_trial(None);
+                    self.disabled.store(false, Ordering::Release);
+                }
+                self.calm.store(policy.is_calm(), Ordering::Release);
+            }
+            SharedState::ModelRefused { scope, until } => {
+                if *until > now {
+                    self.refusals.mark_until(scope, *until);
+                }
+            }
+            SharedState::Limits { requests, tokens } => {
+                let policy = self.policy();
+                let had = self.requests.limit();
+                self.requests.report(*requests, None, None, now, 0);
+                self.tokens.report(*tokens, None, None, now, 0);
+                if self.requests.limit() != had {
+                    self.repace(&policy.pace);
+                }
+            }
+        }
+    }
+}
+
+impl crate::refusal::Refusals {
+    /// Another replica marked `scope` until `until`: the later end wins.
+    fn mark_until(&self, scope: &str, until: Time) {
+        let mut marks = self.marks();
+        match marks.iter_mut().find(|m| &*m.scope == scope) {
+            Some(mark) => mark.until = mark.until.max(until),
+            None => {
+                if marks.len() >= MAX_SCOPES {
+                    if let Some(first) = (0..marks.len()).min_by_key(|&i| marks[i].until) {
+                        marks.swap_remove(first);
+                    }
+                }
+                marks.push(Mark {
+                    scope: scope.into(),
+                    until,
+                    rest: FIRST_REST,
+                });
+            }
+        }
+        self.any.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        Demand, KeySpec, KeyStatus, Outcome, PoolConfig, RateLimitHeaders, Secret, SplitMix64,
+    };
+
+    fn pool(secrets: &[&str]) -> KeyPool {
+        let specs = secrets
+            .iter()
+            .map(|s| KeySpec::new(Secret::new(*s), "http://upstream"))
+            .collect();
+        KeyPool::new(specs, PoolConfig::default()).expect("valid pool")
+    }
+
+    fn demand(exclude: &[crate::KeyIndex]) -> Demand<'_> {
+        Demand {
+            model: Some("gpt-4o"),
+            tokens: 10,
+            exclude,
+            scope: Some("gpt-4o"),
+            min_token_limit: 0,
+            will_wait: Duration::ZERO,
+        }
+    }
+
+    /// Replica `a` records `outcome` on the key with secret `secret`; returns its exports.
+    fn record_on(a: &KeyPool, secret: &str, outcome: Outcome, now: Time) -> Vec<RemoteChange> {
+        let fingerprint = Secret::new(secret).fingerprint();
+        let mut rng = SplitMix64::new(1);
+        let mut excluded = Vec::new();
+        loop {
+            let lease = a
+                .select(&demand(&excluded), now, &mut rng)
+                .expect("a key is free");
+            if lease.spec().secret.fingerprint() == fingerprint {
+                let id = lease.id().clone();
+                let changes = lease.record(outcome, now);
+                return changes
+                    .iter()
+                    .flat_map(|c| a.export(&id, &c, Some("gpt-4o")))
+                    .collect();
+            }
+            excluded.push(lease.index());
+            drop(lease);
+        }
+    }
+
+    fn status_of(pool: &KeyPool, secret: &str, now: Time) -> crate::KeySnapshot {
+        let fingerprint = Secret::new(secret).fingerprint();
+        pool.snapshot(now)
+            .into_iter()
+            .find(|k| k.fingerprint == fingerprint)
+            .expect("key present")
+    }
+
+    #[test]
+    fn a_rest_learned_on_one_replica_holds_on_the_other_until_its_end() {
+        let t = Time::from_secs(100);
+        let (a, b) = (pool(&["sk-a", "sk-b"]), pool(&["sk-b", "sk-a"]));
+        let limits = RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(20)),
+            limit_requests: Some(600),
+            ..Default::default()
+        };
+        let changes = record_on(&a, "sk-a", Outcome::RateLimited { limits }, t);
+        assert_eq!(
+            changes,
+            vec![
+                RemoteChange {
+                    key: Secret::new("sk-a").fingerprint(),
+                    state: SharedState::Cooling {
+                        until: t + Duration::from_secs(20)
+                    },
+                },
+                RemoteChange {
+                    key: Secret::new("sk-a").fingerprint(),
+                    state: SharedState::Limits {
+                        requests: Some(600),
+                        tokens: None
+                    },
+                },
+            ]
+        );
+        for c in &changes {
+            assert!(b.apply_remote(c, t));
+        }
+        // On b only sk-b is chosen while sk-a rests, and sk-a comes back at the deadline.
+        let mut rng = SplitMix64::new(7);
+        for s in 0..19 {
+            let lease = b
+                .select(&demand(&[]), t + Duration::from_secs(s), &mut rng)
+                .expect("sk-b is free");
+            assert_eq!(
+                lease.spec().secret.fingerprint(),
+                Secret::new("sk-b").fingerprint()
+            );
+        }
+        let snap = status_of(&b, "sk-a", t);
+        assert_eq!(snap.status, KeyStatus::Cooling);
+        assert_eq!(snap.limits.limit_requests, Some(600));
+        assert_eq!(
+            status_of(&b, "sk-a", t + Duration::from_secs(20)).status,
+            KeyStatus::Available
+        );
+    }
+
+    #[test]
+    fn the_later_rest_wins_whichever_comes_first() {
+        let t = Time::from_secs(100);
+        let b = pool(&["sk-a"]);
+        let key = Secret::new("sk-a").fingerprint();
+        let rest = |s| RemoteChange {
+            key: key.clone(),
+            state: SharedState::Cooling {
+                until: t + Duration::from_secs(s),
+            },
+        };
+        b.apply_remote(&rest(30), t);
+        b.apply_remote(&rest(10), t);
+        assert_eq!(status_of(&b, "sk-a", t).blocked_secs, Some(30.0));
+        // A rest already over changes nothing.
+        b.apply_remote(&rest(5), t + Duration::from_secs(40));
+        assert_eq!(
+            status_of(&b, "sk-a", t + Duration::from_secs(40)).status,
+            KeyStatus::Available
+        );
+    }
+
+    #[test]
+    fn a_revoked_key_is_disabled_with_the_same_recheck_and_brought_back_by_its_recheck() {
+        let t = Time::from_secs(100);
+        let (a, b) = (pool(&["sk-a"]), pool(&["sk-a"]));
+        let changes = record_on(
+            &a,
+            "sk-a",
+            Outcome::KeyRejected {
+                reason: DisableReason::Unauthorized,
+            },
+            t,
+        );
+        assert_eq!(
+            changes,
+            vec![RemoteChange {
+                key: Secret::new("sk-a").fingerprint(),
+                state: SharedState::Disabled {
+                    reason: DisableReason::Unauthorized,
+                    recheck_at: t + crate::probe::FIRST_PROBE,
+                },
+            }]
+        );
+        let later = t + Duration::from_secs(5);
+        b.apply_remote(&changes[0], later);
+        let snap = status_of(&b, "sk-a", later);
+        assert_eq!(snap.status, KeyStatus::Disabled);
+        assert_eq!(snap.disabled_reason, Some(DisableReason::Unauthorized));
+        assert_eq!(snap.next_probe_secs, Some(55.0));
+        let mut rng = SplitMix64::new(3);
+        assert!(b.select(&demand(&[]), later, &mut rng).is_err());
+        b.apply_remote(
+            &RemoteChange {
+                key: Secret::new("sk-a").fingerprint(),
+                state: SharedState::Enabled,
+            },
+            later,
+        );
+        assert_eq!(status_of(&b, "sk-a", later).status, KeyStatus::Available);
+    }
+
+    #[test]
+    fn an_operators_disable_is_not_lifted_by_a_remote_change() {
+        let t = Time::from_secs(100);
+        let b = pool(&["sk-a"]);
+        let key = Secret::new("sk-a").fingerprint();
+        b.apply_remote(
+            &RemoteChange {
+                key: key.clone(),
+                state: SharedState::Disabled {
+                    reason: DisableReason::Manual,
+                    recheck_at: Time::NEVER,
+                },
+            },
+            t,
+        );
+        for state in [
+            SharedState::Enabled,
+            SharedState::Disabled {
+                reason: DisableReason::Unauthorized,
+                recheck_at: t,
+            },
+        ] {
+            b.apply_remote(
+                &RemoteChange {
+                    key: key.clone(),
+                    state,
+                },
+                t,
+            );
+            let snap = status_of(&b, "sk-a", t);
+            assert_eq!(snap.disabled_reason, Some(DisableReason::Manual));
+            assert_eq!(snap.next_probe_secs, None);
+        }
+    }
+
+    #[test]
+    fn a_model_refusal_is_shared_for_its_scope_only() {
+        let t = Time::from_secs(100);
+        let (a, b) = (pool(&["sk-a"]), pool(&["sk-a"]));
+        let fingerprint = Secret::new("sk-a").fingerprint();
+        let mut rng = SplitMix64::new(1);
+        let lease = a.select(&demand(&[]), t, &mut rng).expect("free");
+        let id = lease.id().clone();
+        let changes: Vec<_> = lease
+            .refuse("gpt-4o", t)
+            .iter()
+            .flat_map(|c| a.export(&id, &c, Some("gpt-4o")))
+            .collect();
+        assert_eq!(
+            changes,
+            vec![RemoteChange {
+                key: fingerprint,
+                state: SharedState::ModelRefused {
+                    scope: "gpt-4o".into(),
+                    until: t + FIRST_REST,
+                },
+            }]
+        );
+        b.apply_remote(&changes[0], t);
+        assert!(b.select(&demand(&[]), t, &mut rng).is_err());
+        let other = Demand {
+            model: Some("gpt-4o-mini"),
+            scope: Some("gpt-4o-mini"),
+            ..demand(&[])
+        };
+        assert!(b.select(&other, t, &mut rng).is_ok());
+        assert!(b.select(&demand(&[]), t + FIRST_REST, &mut rng).is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_and_unshared_changes_are_ignored() {
+        let t = Time::from_secs(100);
+        let a = pool(&["sk-a"]);
+        let change = RemoteChange {
+            key: Secret::new("sk-other").fingerprint(),
+            state: SharedState::Enabled,
+        };
+        assert!(!a.apply_remote(&change, t));
+        let id = a.keys()[0].id.clone();
+        assert!(
+            a.export(&id, &StateChange::CircuitOpened { until: t }, None)
+                .is_empty()
+        );
+        assert!(
+            a.export(&id, &StateChange::ModelRefused { until: t }, None)
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Replicas share key state through Redis (`[cluster]`).
+//!
+//! Each replica still selects keys from its own memory, lock-free: sharing is background
+//! work. The request path hands the state changes its answers caused (a key resting,
+//! disabled, back, refusing a model, its learned limits) to [`Cluster::share`], which only
+//! `try_send`s them into a bounded channel and never waits. One task per replica
+//! publishes them on the pub/sub channel `{namespace}:changes` and applies what the other
+//! replicas publish there ([`kcp_core::KeyPool::apply_remote`]: the later deadline wins,
+//! as locally). Keys are named by fingerprint, never by secret.
+//!
+//! Redis down or slow never fails a request: the replica serves on its own state, logs
+//! once at warn (and once at info when Redis is back), shows it on `kcp_cluster_connected`
+//! and `/health`, keeps the newest changes it could not send (up to [`PENDING`]) and sends
+//! them when Redis is back.
+
+mod settings;
+mod wire;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kcp_core::{Changes, KeyId, KeyPool, RemoteChange};
+use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::sync::mpsc;
+
+pub use settings::ClusterSection;
+pub use wire::{Message, WireState};
+
+use crate::app::App;
+use crate::clock;
+
+/// Changes waiting in the channel between the request path and the sync task; beyond it
+/// a change is dropped (counted) rather than waited for.
+pub const CHANNEL: usize = 4096;
+/// Changes kept while Redis is unreachable, the newest win; sent once it is back.
+pub const PENDING: usize = 1024;
+/// Longest wait for Redis to connect or answer before it counts as down.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Wait between reconnection attempts.
+pub const RETRY: Duration = Duration::from_millis(250);
+
+/// Why `[cluster]` cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The Redis url cannot be used (its text is a secret and not shown).
+    #[error("cluster.redis_url cannot be used: {0}")]
+    Url(&'static str),
+    /// The cluster's metrics cannot be registered.
+    #[error("cannot register the cluster metrics")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// This replica's side of the cluster.
+pub struct Cluster {
+    replica: String,
+    channel: String,
+    client: redis::Client,
+    outbox: mpsc::Sender<RemoteChange>,
+    inbox: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
+    connected: AtomicBool,
+    gauge: IntGauge,
+    dropped: IntCounter,
+    applied: IntCounter,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("replica", &self.replica)
+            .field("channel", &self.channel)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Sets up the cluster side from a checked `[cluster]` section; no I/O yet.
+    pub fn new(section: &ClusterSection, registry: &Registry) -> Result<Cluster, ClusterError> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(section.redis_url.expose())
+            .map_err(|_| ClusterError::Url("not a redis:// or rediss:// url"))?;
+        if let Some(var) = &section.redis_password_env {
+            let password = std::env::var(var)
+                .map_err(|_| ClusterError::Url("redis_password_env is not set"))?;
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client =
+            redis::Client::open(info).map_err(|_| ClusterError::Url("cannot build a client"))?;
+        let gauge = IntGauge::new(
+            "kcp_cluster_connected",
+            "1 while this replica reaches the cluster's Redis, else 0.",
+        )?;
+        let dropped = IntCounter::new(
+            "kcp_cluster_dropped_changes_total",
+            "Key state changes not shared: the sync queue was full.",
+        )?;
+        let applied = IntCounter::new(
+            "kcp_cluster_applied_changes_total",
+            "Key state changes received from other replicas and applied.",
+        )?;
+        registry.register(Box::new(gauge.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(applied.clone()))?;
+        let (outbox, inbox) = mpsc::channel(CHANNEL);
+        Ok(Cluster {
+            replica: section.replica(),
+            channel: format!("{}:changes", section.namespace),
+            client,
+            outbox,
+            inbox: Mutex::new(Some(inbox)),
+            connected: AtomicBool::new(false),
+            gauge,
+            dropped,
+            applied,
+        })
+    }
+
+    /// This replica's id.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Whether Redis is reachable now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Hands the shareable part of `changes` (which key `key` of `pool` just went through,
+    /// for a request of refusal scope `scope`) to the sync task. Never waits: when the
+    /// queue is full the change is dropped and counted.
+    pub fn share(&self, pool: &KeyPool, key: &KeyId, changes: &Changes, scope: Option<&str>) {
+        for change in changes.iter() {
+            for remote in pool.export(key, &change, scope) {
+                if self.outbox.try_send(remote).is_err() {
+                    self.dropped.inc();
+                }
+            }
+        }
+    }
+
+    /// Records whether Redis is reachable; logs a change (and the first word) once.
+    fn set_connected(&self, up: bool, known: &mut Option<bool>) {
+        self.connected.store(up, Ordering::Release);
+        self.gauge.set(i64::from(up));
+        if *known == Some(up) {
+            return;
+        }
+        *known = Some(up);
+        if up {
+            tracing::info!(replica = %self.replica, "cluster: redis reachable, sharing key state");
+        } else {
+            tracing::warn!(
+                replica = %self.replica,
+                "cluster: redis unreachable, serving on this replica's own key state"
+            );
+        }
+    }
+}
+
+/// The sync task: publishes this replica's changes and applies the others', reconnecting
+/// to Redis for as long as the server runs. Returns at once without `[cluster]`.
+pub async fn run(app: Arc<App>) {
+    let Some(cluster) = app.cluster.as_ref() else {
+        return;
+    };
+    let taken = cluster
+        .inbox
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    let Some(mut inbox) = taken else {
+        return;
+    };
+    let mut pending = VecDeque::with_capacity(PENDING);
+    let mut known = None;
+    loop {
+        if let Some((mut publisher, pubsub)) = connect(cluster).await {
+            cluster.set_connected(true, &mut known);
+            if serve(
+                &app,
+                cluster,
+                &mut publisher,
+                pubsub,
+                &mut inbox,
+                &mut pending,
+            )
+            .await
+                == Ended::Shutdown
+            {
+                return;
+            }
+        }
+        cluster.set_connected(false, &mut known);
+        let retry = tokio::time::sleep(RETRY);
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                () = &mut retry => break,
+                change = inbox.recv() => match change {
+                    Some(change) => keep(&mut pending, change),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Ended {
+    Lost,
+    Shutdown,
+}
+
+async fn connect(
+    cluster: &Cluster,
+) -> Option<(redis::aio::MultiplexedConnection, redis::aio::PubSub)> {
+    let attempt = async {
+        let publisher = cluster.client.get_multiplexed_async_connection().await?;
+        let mut pubsub = cluster.client.get_async_pubsub().await?;
+        pubsub.subscribe(&cluster.channel).await?;
+        Ok::<_, redis::RedisError>((publisher, pubsub))
+    };
+    match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
+        Ok(Ok(connections)) => Some(connections),
+        Ok(Err(error)) => {
+            // The kind only: an error's text could quote the url.
+            tracing::debug!(kind = ?error.kind(), "cluster: redis connection failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn serve(
+    app: &App,
+    cluster: &Cluster,
+    publisher: &mut redis::aio::MultiplexedConnection,
+    pubsub: redis::aio::PubSub,
+    inbox: &mut mpsc::Receiver<RemoteChange>,
+    pending: &mut VecDeque<RemoteChange>,
+) -> Ended {
+    while let Some(change) = pending.pop_front() {
+        if !publish(cluster, publisher, &change).await {
+            pending.push_front(change);
+            return Ended::Lost;
+        }
+    }
+    let mut messages = pubsub.into_on_message();
+    loop {
+        tokio::select! {
+            message = messages.next() => match message {
+                Some(message) => receive(app, cluster, &message),
+                None => return Ended::Lost,
+            },
+            change = inbox.recv() => match change {
+                Some(change) => {
+                    if !publish(cluster, publisher, &change).await {
+                        keep(pending, change);
+                        return Ended::Lost;
+                    }
+                }
+                None => return Ended::Shutdown,
+            },
+        }
+    }
+}
+
+/// Keeps a change for later, dropping the oldest when full.
+fn keep(pending: &mut VecDeque<RemoteChange>, change: RemoteChange) {
+    if pending.len() >= PENDING {
+        pending.pop_front();
+    }
+    pending.push_back(change);
+}
+
+async fn publish(
+    cluster: &Cluster,
+    publisher: &mut redis::aio::MultiplexedConnection,
+    change: &RemoteChange,
+) -> bool {
+    let Some(message) = Message::encode(&cluster.replica, change, clock::now()) else {
+        return true;
+    };
+    let Ok(text) = serde_json::to_string(&message) else {
+        return true;
+    };
+    let mut command = redis::cmd("PUBLISH");
+    command.arg(&cluster.channel).arg(text);
+    let sent = command.query_async::<i64>(publisher);
+    matches!(tokio::time::timeout(REDIS_TIMEOUT, sent).await, Ok(Ok(_)))
+}
+
+fn receive(app: &App, cluster: &Cluster, message: &redis::Msg) {
+    let Ok(text) = message.get_payload::<String>() else {
+        return;
+    };
+    let Ok(message) = serde_json::from_str::<Message>(&text) else {
+        tracing::debug!("cluster: unreadable message ignored");
+        return;
+    };
+    if message.from == cluster.replica {
+        return;
+    }
+    let now = clock::now();
+    let Some(change) = message.decode(now) else {
+        return;
+    };
+    if app.pool().apply_remote(&change, now) {
+        cluster.applied.inc();
+        tracing::debug!(key = %change.key, "cluster: applied another replica's key change");
+    }
+}

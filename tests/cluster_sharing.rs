@@ -1,0 +1,239 @@
+//! End-to-end: two replicas share one real Redis (`redis-server`, started here on a free
+//! loopback port) and one mock upstream. What one replica learns about a key, the other
+//! applies without calling the key; with Redis gone both keep serving.
+//!
+//! These tests need Debian's `redis-server` on the PATH (`.ci/run` installs it) and FAIL
+//! without it.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
+use key_cycle_proxy::server::cluster::ClusterSection;
+use support::proxy_harness::{Proxy, WAIT, start_proxy};
+use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A `redis-server` of this test alone: loopback, no persistence, killed on drop.
+struct Redis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("kcp-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut redis = Redis {
+            port,
+            dir,
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts the server (again) on its port and waits until it answers PING.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (Debian package redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        let ready = async move {
+            loop {
+                if let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let mut answer = [0u8; 7];
+                    if tcp.write_all(b"PING\r\n").await.is_ok()
+                        && tcp.read_exact(&mut answer).await.is_ok()
+                        && &answer == b"+PONG\r\n"
+                    {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, ready)
+            .await
+            .expect("redis-server answers PING");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A replica named `replica` with keys A and B on `mock`, sharing through `redis`.
+async fn replica(mock: &MockUpstream, redis: &Redis, replica: &str) -> Proxy {
+    let url = redis.url();
+    let namespace = format!("kcp-test-{}", redis.port);
+    let replica = replica.to_owned();
+    start_proxy(
+        vec![
+            (KEY_A, mock.url(), vec!["others"]),
+            (KEY_B, mock.url(), vec!["others"]),
+        ],
+        move |config| {
+            config.cluster = Some(ClusterSection {
+                redis_url: Secret::new(url),
+                namespace,
+                replica_id: Some(replica),
+                ..ClusterSection::default()
+            });
+        },
+    )
+    .await
+}
+
+/// Polls `check` every 10 ms until it holds; fails the test after [`WAIT`].
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let polled = async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT, polled).await.is_err() {
+        panic!("timed out waiting until {what}");
+    }
+}
+
+fn connected(proxy: &Proxy) -> bool {
+    proxy.app.cluster.as_ref().is_some_and(|c| c.is_connected())
+}
+
+/// Two connected replicas on one mock and one Redis.
+async fn cluster() -> (MockUpstream, Redis, Proxy, Proxy) {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let a = replica(&mock, &redis, "a").await;
+    let b = replica(&mock, &redis, "b").await;
+    until("both replicas reach redis", || {
+        connected(&a) && connected(&b)
+    })
+    .await;
+    (mock, redis, a, b)
+}
+
+/// Sends chats through `proxy` until key A was called once (B serves the rest); all 200.
+async fn hit_key_a_once(mock: &MockUpstream, proxy: &Proxy) {
+    for _ in 0..8 {
+        let reply = proxy.chat("gpt-4o").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        if mock.calls_for(KEY_A) == 1 {
+            return;
+        }
+    }
+    panic!("key A was never chosen");
+}
+
+#[tokio::test]
+async fn a_key_rate_limited_through_one_replica_is_not_tried_through_the_other() {
+    let (mock, _redis, a, b) = cluster().await;
+    mock.set(KEY_A, Behaviour::rate_limited_secs(30));
+    hit_key_a_once(&mock, &a).await;
+    assert_eq!(a.key_status(KEY_A).0, KeyStatus::Cooling);
+    until("replica b sees key A resting", || {
+        b.key_status(KEY_A).0 == KeyStatus::Cooling
+    })
+    .await;
+    let before_b = mock.calls_for(KEY_B);
+    for _ in 0..6 {
+        assert_eq!(b.chat("gpt-4o").await.status, StatusCode::OK);
+    }
+    assert_eq!(mock.calls_for(KEY_A), 1, "b never calls the resting key");
+    assert_eq!(mock.calls_for(KEY_B), before_b + 6);
+}
+
+#[tokio::test]
+async fn a_key_revoked_through_one_replica_is_disabled_on_the_other() {
+    let (mock, _redis, a, b) = cluster().await;
+    mock.set(KEY_A, Behaviour::Unauthorized);
+    hit_key_a_once(&mock, &a).await;
+    until("replica b disables key A", || {
+        b.key_status(KEY_A) == (KeyStatus::Disabled, Some(DisableReason::Unauthorized))
+    })
+    .await;
+    for _ in 0..4 {
+        assert_eq!(b.chat("gpt-4o").await.status, StatusCode::OK);
+    }
+    assert_eq!(mock.calls_for(KEY_A), 1);
+    let health = b.get("/health").await.json();
+    assert_eq!(health["cluster"]["replica"], "b");
+    assert_eq!(health["cluster"]["redis_connected"], true);
+}
+
+#[tokio::test]
+async fn with_redis_killed_requests_still_succeed_and_sharing_resumes_after_a_restart() {
+    let (mock, mut redis, a, b) = cluster().await;
+    redis.kill();
+    until("both replicas see redis gone", || {
+        !connected(&a) && !connected(&b)
+    })
+    .await;
+    let health = a.get("/health").await.json();
+    assert_eq!(health["cluster"]["redis_connected"], false);
+    let metrics = support::observe::scrape(&a).await;
+    assert!(
+        metrics.contains("kcp_cluster_connected 0"),
+        "gauge reads 0 while redis is down"
+    );
+    for proxy in [&a, &b] {
+        for _ in 0..5 {
+            assert_eq!(proxy.chat("gpt-4o").await.status, StatusCode::OK);
+        }
+    }
+    assert_eq!(
+        mock.calls().len(),
+        10,
+        "each request made one upstream call"
+    );
+
+    redis.restart().await;
+    until("both replicas reach redis again", || {
+        connected(&a) && connected(&b)
+    })
+    .await;
+    mock.set(KEY_B, Behaviour::rate_limited_secs(30));
+    let before = mock.calls_for(KEY_B);
+    for _ in 0..8 {
+        assert_eq!(a.chat("gpt-4o").await.status, StatusCode::OK);
+        if mock.calls_for(KEY_B) > before {
+            break;
+        }
+    }
+    assert_eq!(mock.calls_for(KEY_B), before + 1, "a met the 429 once");
+    until("replica b sees key B resting", || {
+        b.key_status(KEY_B).0 == KeyStatus::Cooling
+    })
+    .await;
+}
