@@ -106,6 +106,25 @@ fn whole_attempt(c: &mut Criterion) {
     group.finish();
 }
 
+/// The reference: governor's keyed rate limiter over 1,000 keys, one `check_key` per
+/// iteration, keys in turn (selection's job minus routing, fairness and learning).
+fn governor_baseline(c: &mut Criterion) {
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let quota = Quota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"));
+    let limiter = RateLimiter::dashmap(quota);
+    let mut key = 0u32;
+    let mut group = c.benchmark_group("baseline");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("governor_keyed/1000", |b| {
+        b.iter(|| {
+            key = (key + 1) % 1_000;
+            black_box(limiter.check_key(black_box(&key)).is_ok())
+        })
+    });
+    group.finish();
+}
+
 fn routing(c: &mut Criterion) {
     let mut models: Vec<Vec<String>> = (0..50).map(|i| vec![format!("model-{i}")]).collect();
     models.extend((0..10).map(|i| vec![format!("family-{i}-*")]));
@@ -158,6 +177,6 @@ fn contention(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = select_record, whole_attempt, routing, contention
+    targets = select_record, whole_attempt, governor_baseline, routing, contention
 }
 criterion_main!(benches);

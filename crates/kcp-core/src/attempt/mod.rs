@@ -41,6 +41,7 @@ mod answer;
 mod policy;
 mod queue;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use answer::{Answer, Class, ErrorBody, Reply, classify};
@@ -235,7 +236,7 @@ impl<'a> Attempt<'a> {
     pub fn next<R: Random + ?Sized>(
         &mut self,
         pool: &KeyPool,
-        queue: &std::sync::Arc<WaitQueue>,
+        queue: &Arc<WaitQueue>,
         now: Time,
         rng: &mut R,
     ) -> Next {
@@ -399,7 +400,7 @@ impl<'a> Attempt<'a> {
     }
 
     /// No key can take the request now: wait, or give up.
-    fn no_key(&mut self, no_key: NoKey, queue: &std::sync::Arc<WaitQueue>, now: Time) -> Next {
+    fn no_key(&mut self, no_key: NoKey, queue: &Arc<WaitQueue>, now: Time) -> Next {
         match no_key {
             NoKey::NoRoute => Next::GiveUp(GiveUp::NoRoute),
             // A busy answer may hold a promise: it is always followed by a wait, if one fits.
@@ -422,7 +423,7 @@ impl<'a> Attempt<'a> {
 
     /// Waits until `until` for a key, or gives up when that is too long, this request already
     /// waited its share, or the queue is full.
-    fn wait(&mut self, until: Time, queue: &std::sync::Arc<WaitQueue>, now: Time) -> Next {
+    fn wait(&mut self, until: Time, queue: &Arc<WaitQueue>, now: Time) -> Next {
         let wait = until.saturating_since(now);
         let fits = self.stats.waits < self.policy.max_waits
             && self.stats.waited + wait <= self.policy.max_wait;
