@@ -1,5 +1,6 @@
 //! What a key is: its secret, where it goes, what it serves.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -16,7 +17,8 @@ pub struct KeySpec {
     pub secret: Secret,
     /// A configured name; the id falls back to the secret's fingerprint.
     pub name: Option<String>,
-    /// Base url of the key's upstream, with or without a trailing `/v1`.
+    /// The provider's OpenAI-compatible root (`https://api.openai.com/v1`,
+    /// `https://generativelanguage.googleapis.com/v1beta/openai`, ...); a bare host means `/v1`.
     pub url: String,
     /// Model patterns: exact names, globs (`gpt-4o*`), or the fallback markers `others` / `*`.
     pub models: Vec<String>,
@@ -79,7 +81,7 @@ impl KeySpec {
 
     /// What makes a key itself, for hashing: the secret and the normalized url. Internal:
     /// it holds the secret.
-    pub(crate) fn identity(&self) -> (&str, &str) {
+    pub(crate) fn identity(&self) -> (&str, Cow<'_, str>) {
         (self.secret.expose(), normalize_url(&self.url))
     }
 
@@ -92,11 +94,20 @@ impl KeySpec {
     }
 }
 
-/// The url without a trailing slash or `/v1`: `https://h`, `https://h/v1` and
-/// `https://h/v1/` are one upstream (requests to all three go to `https://h/v1/...`).
-pub(crate) fn normalize_url(url: &str) -> &str {
-    let url = url.trim_end_matches('/');
-    url.strip_suffix("/v1").unwrap_or(url).trim_end_matches('/')
+/// A key url as the provider's OpenAI-compatible root: the url without surrounding
+/// whitespace and trailing slashes, and a bare host (`https://api.openai.com`) means its `/v1`.
+///
+/// The client's `/v1` prefix is replaced by this root, whatever the root ends in (`/v1`,
+/// `/openai/v1`, `/api/v1`, `/v1beta/openai`), so `https://h`, `https://h/v1` and
+/// `https://h/v1/` are one upstream and one key, and a Gemini root never gets a `/v1` glued on.
+pub fn normalize_url(url: &str) -> Cow<'_, str> {
+    let url = url.trim().trim_end_matches('/');
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if authority.contains('/') {
+        Cow::Borrowed(url)
+    } else {
+        Cow::Owned(format!("{url}/v1"))
+    }
 }
 
 /// A key's public identity: its name or fingerprint. Safe to log, label and show.
@@ -142,6 +153,32 @@ mod tests {
         assert!(a.same_key(&b));
         assert!(a.same_key(&d));
         assert!(!a.same_key(&c));
+    }
+
+    #[test]
+    fn a_root_is_kept_and_a_bare_host_means_v1() {
+        let cases = [
+            ("https://api.openai.com", "https://api.openai.com/v1"),
+            ("https://api.openai.com/", "https://api.openai.com/v1"),
+            (" https://api.openai.com/v1/ ", "https://api.openai.com/v1"),
+            (
+                "https://res.openai.azure.com/openai/v1/",
+                "https://res.openai.azure.com/openai/v1",
+            ),
+            (
+                "https://generativelanguage.googleapis.com/v1beta/openai/",
+                "https://generativelanguage.googleapis.com/v1beta/openai",
+            ),
+            (
+                "https://openrouter.ai/api/v1",
+                "https://openrouter.ai/api/v1",
+            ),
+            ("http://127.0.0.1:11434", "http://127.0.0.1:11434/v1"),
+            ("http://h/prefix", "http://h/prefix"),
+        ];
+        for (url, root) in cases {
+            assert_eq!(normalize_url(url), root, "{url}");
+        }
     }
 
     #[test]

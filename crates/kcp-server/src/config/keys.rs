@@ -222,7 +222,7 @@ pub(super) fn from_openai_keys(raw: &str, base_url: &str) -> Vec<Candidate> {
             origin: Origin::Env,
             source: "OPENAI_KEYS".to_owned(),
             place: format!("entry #{}", index + 1),
-            key: plain_key(secret, normalize_url(base_url), vec![ANY_MODEL.to_owned()]),
+            key: plain_key(secret, root_url(base_url), vec![ANY_MODEL.to_owned()]),
         })
         .collect()
 }
@@ -395,9 +395,9 @@ fn entry_url(
                     "use an http(s) URL with a host, e.g. https://api.openai.com/v1",
                 );
             }
-            normalize_url(&url)
+            root_url(&url)
         }
-        None => normalize_url(base_url),
+        None => root_url(base_url),
     }
 }
 
@@ -427,9 +427,10 @@ fn entry_models(
     models
 }
 
-/// `https://host/v1/` and `https://host/v1` are the same upstream.
-fn normalize_url(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_owned()
+/// The key's url as its provider root: kcp-core's one rule, so what the pool counts as one
+/// key and where the proxy sends a request always agree.
+fn root_url(url: &str) -> String {
+    kcp_core::normalize_url(url).into_owned()
 }
 
 /// Reports problems of one key entry, prefixed with where it was written.
