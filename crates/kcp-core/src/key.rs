@@ -1,6 +1,7 @@
 //! What a key is: its secret, where it goes, what it serves.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -32,6 +33,26 @@ pub struct KeySpec {
     pub organization: Option<String>,
     /// `OpenAI-Project` to send with this key.
     pub project: Option<String>,
+    /// Which provider dialect the key speaks: how it authenticates and where requests go.
+    pub kind: KeyKind,
+    /// Azure's classic form: the deployment serving each model (a model not listed is
+    /// assumed deployed under its own name).
+    pub deployments: BTreeMap<String, String>,
+    /// Azure's classic form: the `api-version` query every request carries. Set, it selects
+    /// the classic deployments form; unset, an Azure key uses the v1 API under its url.
+    pub api_version: Option<String>,
+}
+
+/// The provider dialect of a key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum KeyKind {
+    /// OpenAI and every OpenAI-compatible API: `Authorization: Bearer <key>`.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI: `api-key: <key>`, never `Authorization`.
+    Azure,
 }
 
 impl KeySpec {
@@ -47,7 +68,36 @@ impl KeySpec {
             tpm: None,
             organization: None,
             project: None,
+            kind: KeyKind::OpenAi,
+            deployments: BTreeMap::new(),
+            api_version: None,
         }
+    }
+
+    /// Makes the key an Azure OpenAI key.
+    pub fn azure(mut self) -> Self {
+        self.kind = KeyKind::Azure;
+        self
+    }
+
+    /// Azure's classic deployments form: the `api-version` and the deployment per model.
+    pub fn with_deployments<M: Into<String>, D: Into<String>>(
+        mut self,
+        api_version: impl Into<String>,
+        deployments: impl IntoIterator<Item = (M, D)>,
+    ) -> Self {
+        self.api_version = Some(api_version.into());
+        self.deployments = deployments
+            .into_iter()
+            .map(|(model, deployment)| (model.into(), deployment.into()))
+            .collect();
+        self
+    }
+
+    /// The deployment serving `model` on an Azure classic key: the mapped one, else the
+    /// model's own name.
+    pub fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
+        self.deployments.get(model).map_or(model, String::as_str)
     }
 
     /// Sets the model patterns.
@@ -179,6 +229,17 @@ mod tests {
         for (url, root) in cases {
             assert_eq!(normalize_url(url), root, "{url}");
         }
+    }
+
+    #[test]
+    fn a_model_maps_to_its_deployment_or_its_own_name() {
+        let key = KeySpec::new(Secret::new("k"), "https://res.openai.azure.com")
+            .azure()
+            .with_deployments("2024-10-21", [("gpt-4o", "prod-4o")]);
+        assert_eq!(key.kind, KeyKind::Azure);
+        assert_eq!(key.deployment("gpt-4o"), "prod-4o");
+        assert_eq!(key.deployment("gpt-4o-mini"), "gpt-4o-mini");
+        assert_eq!(key.api_version.as_deref(), Some("2024-10-21"));
     }
 
     #[test]

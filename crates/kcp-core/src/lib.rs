@@ -41,7 +41,7 @@ pub use attempt::{
 };
 pub use budget::{MAX_TOKENS, estimate_tokens};
 pub use circuit::{BASE_OPEN, FAILURES_TO_OPEN, MAX_OPEN};
-pub use key::{KeyId, KeySpec, normalize_url};
+pub use key::{KeyId, KeyKind, KeySpec, normalize_url};
 pub use keystate::StateChange;
 pub use lease::{Changes, Lease};
 pub use outcome::{DisableReason, ErrorClass, Outcome, UpstreamFailure};

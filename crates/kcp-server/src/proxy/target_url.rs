@@ -6,34 +6,128 @@
 //! by which two key urls are one key). The client's path always starts with `/v1`: that prefix
 //! is replaced by the root, so `/v1/X` lands on `<root>/X`, never on `/v1/v1/X`. The rest of
 //! the client's path and its query are appended byte for byte.
+//!
+//! An Azure key with an `api_version` speaks Azure's classic form instead: a request with a
+//! model goes to `<endpoint>/openai/deployments/<deployment>/<rest>?api-version=<v>` (the
+//! deployment mapped from the model by the key), one without to `<endpoint>/openai/<rest>?
+//! api-version=<v>`. The endpoint is the key url without `/v1` and `/openai`, so
+//! `https://RES.openai.azure.com`, `.../openai` and `.../openai/v1` all name the resource.
 
 use http::Uri;
 use http::uri::InvalidUri;
-use kcp_core::normalize_url;
+use kcp_core::{KeyKind, KeySpec, normalize_url};
 
 /// The client's API prefix, replaced by the key's root.
 const CLIENT_PREFIX: &str = "/v1";
 
-/// The upstream URI for a client request target `path_and_query` (`/v1/...?...`) on a key
-/// whose url is `url`. One allocation: the joined string becomes the URI without a copy.
-pub fn join(url: &str, path_and_query: &str) -> Result<Uri, InvalidUri> {
-    let root = normalize_url(url);
+/// Azure's version parameter: the key's, never the client's.
+const API_VERSION: &str = "api-version=";
+
+/// The upstream URI for a client request target `path_and_query` (`/v1/...?...`) asking for
+/// `model` on `spec`'s key. One allocation: the joined string becomes the URI without a copy.
+pub fn join(spec: &KeySpec, path_and_query: &str, model: Option<&str>) -> Result<Uri, InvalidUri> {
+    let root = normalize_url(&spec.url);
     let rest = path_and_query
         .strip_prefix(CLIENT_PREFIX)
         .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
         .unwrap_or(path_and_query);
-    let mut target = String::with_capacity(root.len() + rest.len());
-    target.push_str(&root);
-    target.push_str(rest);
-    Uri::try_from(target)
+    match (&spec.kind, &spec.api_version) {
+        (KeyKind::Azure, Some(version)) => Uri::try_from(azure_classic(
+            &root,
+            rest,
+            version,
+            model.map(|m| spec.deployment(m)),
+        )),
+        _ => {
+            let mut target = String::with_capacity(root.len() + rest.len());
+            target.push_str(&root);
+            target.push_str(rest);
+            Uri::try_from(target)
+        }
+    }
+}
+
+/// Azure's classic deployments form of `rest` (the client's path after `/v1`, with query).
+fn azure_classic(root: &str, rest: &str, version: &str, deployment: Option<&str>) -> String {
+    let endpoint = root.strip_suffix("/v1").unwrap_or(root);
+    let endpoint = endpoint.strip_suffix("/openai").unwrap_or(endpoint);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut target = String::with_capacity(endpoint.len() + rest.len() + 64);
+    target.push_str(endpoint);
+    target.push_str("/openai");
+    if let Some(deployment) = deployment {
+        target.push_str("/deployments/");
+        target.push_str(deployment);
+    }
+    target.push_str(path);
+    target.push('?');
+    for pair in query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !pair.starts_with(API_VERSION))
+    {
+        target.push_str(pair);
+        target.push('&');
+    }
+    target.push_str(API_VERSION);
+    target.push_str(version);
+    target
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kcp_core::Secret;
+
+    fn key(url: &str) -> KeySpec {
+        KeySpec::new(Secret::new("k"), url)
+    }
 
     fn upstream(url: &str, target: &str) -> String {
-        join(url, target).expect("valid").to_string()
+        join(&key(url), target, None).expect("valid").to_string()
+    }
+
+    #[test]
+    fn azure_v1_is_a_root_like_any_other() {
+        let spec = key("https://res.openai.azure.com/openai/v1/").azure();
+        assert_eq!(
+            join(&spec, "/v1/chat/completions", Some("gpt-4o"))
+                .expect("valid")
+                .to_string(),
+            "https://res.openai.azure.com/openai/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn azure_classic_maps_the_model_to_its_deployment_and_adds_the_version() {
+        for url in [
+            "https://res.openai.azure.com",
+            "https://res.openai.azure.com/openai/",
+            "https://res.openai.azure.com/openai/v1",
+        ] {
+            let spec = key(url)
+                .azure()
+                .with_deployments("2024-10-21", [("gpt-4o", "prod-4o")]);
+            let at = |target: &str, model: Option<&str>| {
+                join(&spec, target, model).expect("valid").to_string()
+            };
+            assert_eq!(
+                at("/v1/chat/completions", Some("gpt-4o")),
+                "https://res.openai.azure.com/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+                "{url}"
+            );
+            assert_eq!(
+                at(
+                    "/v1/embeddings?x=1&api-version=old",
+                    Some("text-embedding-3-small")
+                ),
+                "https://res.openai.azure.com/openai/deployments/text-embedding-3-small/embeddings?x=1&api-version=2024-10-21",
+                "an unmapped model is its own deployment; the key's version wins"
+            );
+            assert_eq!(
+                at("/v1/models", None),
+                "https://res.openai.azure.com/openai/models?api-version=2024-10-21"
+            );
+        }
     }
 
     #[test]
@@ -127,9 +221,9 @@ mod tests {
     #[test]
     fn query_passes_byte_for_byte() {
         let target = "/v1/files/file-1?limit=2&after=a%2Fb&x=&y=%20+z";
-        let uri = join("https://h/v1", target).expect("valid");
+        let uri = join(&key("https://h/v1"), target, None).expect("valid");
         assert_eq!(uri.path_and_query().map(|pq| pq.as_str()), Some(target));
-        let uri = join("https://h/v1beta/openai", target).expect("valid");
+        let uri = join(&key("https://h/v1beta/openai"), target, None).expect("valid");
         assert_eq!(
             uri.path_and_query().map(|pq| pq.as_str()),
             Some("/v1beta/openai/files/file-1?limit=2&after=a%2Fb&x=&y=%20+z")
