@@ -46,7 +46,7 @@ pub use keystate::StateChange;
 pub use lease::{Changes, Lease};
 pub use outcome::{DisableReason, ErrorClass, Outcome, UpstreamFailure};
 pub use pool::{Demand, FAIR_WINDOW, KeyPool, MAX_LEAD, NoKey, PoolConfig, PoolError, Strategy};
-pub use ratelimit_headers::{RateLimitHeaders, parse_reset};
+pub use ratelimit_headers::{RateLimitHeaders, parse_reset, parse_reset_at, retry_delay_in_body};
 pub use refusal::{FIRST_REST as FIRST_REFUSAL_REST, MAX_REST as MAX_REFUSAL_REST};
 pub use rng::{Random, SplitMix64};
 pub use routing::{KeyIndex, MAX_GLOBS, RouteTable};
