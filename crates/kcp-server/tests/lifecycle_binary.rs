@@ -128,6 +128,7 @@ fn check_config_prints_the_effective_config_without_a_secret() {
         keys[0]["url"], "http://127.0.0.1:9/v1",
         "the effective root"
     );
+    assert_eq!(keys[0]["kind"], "openai");
     for secret in [KEY, ADMIN_TOKEN, &KEY[3..]] {
         assert!(
             !stdout.contains(secret),

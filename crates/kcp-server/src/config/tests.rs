@@ -1319,6 +1319,13 @@ fn azure_keys_in_toml_and_legacy_json() {
         assert_eq!(keys[2].deployment("gpt-4o"), "prod-4o");
         assert_eq!(keys[3].api_version.as_deref(), Some("2024-10-21"));
         assert_eq!(keys[3].deployment("gpt-4o-mini"), "mini");
+        let effective: serde_json::Value =
+            serde_json::from_str(&render_effective(&config)).expect("JSON");
+        let classic = &effective["api_keys"][2];
+        assert_eq!(classic["kind"], "azure");
+        assert_eq!(classic["api_version"], "2024-10-21");
+        assert_eq!(classic["deployments"]["gpt-4o"], "prod-4o");
+        assert_eq!(effective["api_keys"][0].get("deployments"), None);
         Ok(())
     });
 }
