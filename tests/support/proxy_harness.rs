@@ -57,17 +57,7 @@ pub fn test_config() -> Config {
 
 /// A key as the config loader would resolve it: no name, weight 1.
 pub fn resolved_key(key: &str, url: &str, models: &[&str]) -> KeySpec {
-    KeySpec {
-        secret: Secret::new(key),
-        url: url.to_owned(),
-        models: models.iter().map(|m| (*m).to_owned()).collect(),
-        name: None,
-        weight: 1,
-        rpm: None,
-        tpm: None,
-        organization: None,
-        project: None,
-    }
+    KeySpec::new(Secret::new(key), url).with_models(models.iter().copied())
 }
 
 /// A loaded configuration of `keys` (key, url, models) and [`test_config`] after `tweak`.

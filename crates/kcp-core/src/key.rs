@@ -1,5 +1,7 @@
 //! What a key is: its secret, where it goes, what it serves.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -16,7 +18,8 @@ pub struct KeySpec {
     pub secret: Secret,
     /// A configured name; the id falls back to the secret's fingerprint.
     pub name: Option<String>,
-    /// Base url of the key's upstream, with or without a trailing `/v1`.
+    /// The provider's OpenAI-compatible root (`https://api.openai.com/v1`,
+    /// `https://generativelanguage.googleapis.com/v1beta/openai`, ...); a bare host means `/v1`.
     pub url: String,
     /// Model patterns: exact names, globs (`gpt-4o*`), or the fallback markers `others` / `*`.
     pub models: Vec<String>,
@@ -30,6 +33,26 @@ pub struct KeySpec {
     pub organization: Option<String>,
     /// `OpenAI-Project` to send with this key.
     pub project: Option<String>,
+    /// Which provider dialect the key speaks: how it authenticates and where requests go.
+    pub kind: KeyKind,
+    /// Azure's classic form: the deployment serving each model (a model not listed is
+    /// assumed deployed under its own name).
+    pub deployments: BTreeMap<String, String>,
+    /// Azure's classic form: the `api-version` query every request carries. Set, it selects
+    /// the classic deployments form; unset, an Azure key uses the v1 API under its url.
+    pub api_version: Option<String>,
+}
+
+/// The provider dialect of a key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum KeyKind {
+    /// OpenAI and every OpenAI-compatible API: `Authorization: Bearer <key>`.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI: `api-key: <key>`, never `Authorization`.
+    Azure,
 }
 
 impl KeySpec {
@@ -45,7 +68,36 @@ impl KeySpec {
             tpm: None,
             organization: None,
             project: None,
+            kind: KeyKind::OpenAi,
+            deployments: BTreeMap::new(),
+            api_version: None,
         }
+    }
+
+    /// Makes the key an Azure OpenAI key.
+    pub fn azure(mut self) -> Self {
+        self.kind = KeyKind::Azure;
+        self
+    }
+
+    /// Azure's classic deployments form: the `api-version` and the deployment per model.
+    pub fn with_deployments<M: Into<String>, D: Into<String>>(
+        mut self,
+        api_version: impl Into<String>,
+        deployments: impl IntoIterator<Item = (M, D)>,
+    ) -> Self {
+        self.api_version = Some(api_version.into());
+        self.deployments = deployments
+            .into_iter()
+            .map(|(model, deployment)| (model.into(), deployment.into()))
+            .collect();
+        self
+    }
+
+    /// The deployment serving `model` on an Azure classic key: the mapped one, else the
+    /// model's own name.
+    pub fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
+        self.deployments.get(model).map_or(model, String::as_str)
     }
 
     /// Sets the model patterns.
@@ -79,7 +131,7 @@ impl KeySpec {
 
     /// What makes a key itself, for hashing: the secret and the normalized url. Internal:
     /// it holds the secret.
-    pub(crate) fn identity(&self) -> (&str, &str) {
+    pub(crate) fn identity(&self) -> (&str, Cow<'_, str>) {
         (self.secret.expose(), normalize_url(&self.url))
     }
 
@@ -92,11 +144,20 @@ impl KeySpec {
     }
 }
 
-/// The url without a trailing slash or `/v1`: `https://h`, `https://h/v1` and
-/// `https://h/v1/` are one upstream (requests to all three go to `https://h/v1/...`).
-pub(crate) fn normalize_url(url: &str) -> &str {
-    let url = url.trim_end_matches('/');
-    url.strip_suffix("/v1").unwrap_or(url).trim_end_matches('/')
+/// A key url as the provider's OpenAI-compatible root: the url without surrounding
+/// whitespace and trailing slashes, and a bare host (`https://api.openai.com`) means its `/v1`.
+///
+/// The client's `/v1` prefix is replaced by this root, whatever the root ends in (`/v1`,
+/// `/openai/v1`, `/api/v1`, `/v1beta/openai`), so `https://h`, `https://h/v1` and
+/// `https://h/v1/` are one upstream and one key, and a Gemini root never gets a `/v1` glued on.
+pub fn normalize_url(url: &str) -> Cow<'_, str> {
+    let url = url.trim().trim_end_matches('/');
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if authority.contains('/') {
+        Cow::Borrowed(url)
+    } else {
+        Cow::Owned(format!("{url}/v1"))
+    }
 }
 
 /// A key's public identity: its name or fingerprint. Safe to log, label and show.
@@ -142,6 +203,43 @@ mod tests {
         assert!(a.same_key(&b));
         assert!(a.same_key(&d));
         assert!(!a.same_key(&c));
+    }
+
+    #[test]
+    fn a_root_is_kept_and_a_bare_host_means_v1() {
+        let cases = [
+            ("https://api.openai.com", "https://api.openai.com/v1"),
+            ("https://api.openai.com/", "https://api.openai.com/v1"),
+            (" https://api.openai.com/v1/ ", "https://api.openai.com/v1"),
+            (
+                "https://res.openai.azure.com/openai/v1/",
+                "https://res.openai.azure.com/openai/v1",
+            ),
+            (
+                "https://generativelanguage.googleapis.com/v1beta/openai/",
+                "https://generativelanguage.googleapis.com/v1beta/openai",
+            ),
+            (
+                "https://openrouter.ai/api/v1",
+                "https://openrouter.ai/api/v1",
+            ),
+            ("http://127.0.0.1:11434", "http://127.0.0.1:11434/v1"),
+            ("http://h/prefix", "http://h/prefix"),
+        ];
+        for (url, root) in cases {
+            assert_eq!(normalize_url(url), root, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_model_maps_to_its_deployment_or_its_own_name() {
+        let key = KeySpec::new(Secret::new("k"), "https://res.openai.azure.com")
+            .azure()
+            .with_deployments("2024-10-21", [("gpt-4o", "prod-4o")]);
+        assert_eq!(key.kind, KeyKind::Azure);
+        assert_eq!(key.deployment("gpt-4o"), "prod-4o");
+        assert_eq!(key.deployment("gpt-4o-mini"), "gpt-4o-mini");
+        assert_eq!(key.api_version.as_deref(), Some("2024-10-21"));
     }
 
     #[test]

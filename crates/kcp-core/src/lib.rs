@@ -42,12 +42,12 @@ pub use attempt::{
 };
 pub use budget::{MAX_TOKENS, estimate_tokens};
 pub use circuit::{BASE_OPEN, FAILURES_TO_OPEN, MAX_OPEN};
-pub use key::{KeyId, KeySpec};
+pub use key::{KeyId, KeyKind, KeySpec, normalize_url};
 pub use keystate::StateChange;
 pub use lease::{Changes, Lease};
 pub use outcome::{DisableReason, ErrorClass, Outcome, UpstreamFailure};
 pub use pool::{Demand, FAIR_WINDOW, KeyPool, MAX_LEAD, NoKey, PoolConfig, PoolError, Strategy};
-pub use ratelimit_headers::{RateLimitHeaders, parse_reset};
+pub use ratelimit_headers::{RateLimitHeaders, parse_reset, parse_reset_at, retry_delay_in_body};
 pub use refusal::{FIRST_REST as FIRST_REFUSAL_REST, MAX_REST as MAX_REFUSAL_REST};
 pub use rng::{Random, SplitMix64};
 pub use routing::{KeyIndex, MAX_GLOBS, RouteTable};

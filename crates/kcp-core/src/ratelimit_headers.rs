@@ -1,4 +1,5 @@
-//! OpenAI's rate-limit response headers, parsed leniently.
+//! Providers' rate-limit answers, parsed leniently: OpenAI's headers (also sent by Azure and
+//! Groq), Anthropic's, and Gemini's `retryDelay` in a 429 body.
 //!
 //! A key that hits a 429 must rest exactly as long as the provider says, and a key close to its
 //! limit should be paced before it hits one. Both facts arrive in response headers:
@@ -7,7 +8,12 @@
 //! - `x-ratelimit-reset-{requests,tokens}`: the time until the window refills, written as a Go
 //!   `time.Duration` string (`"6m0s"`, `"59.6ms"`, `"1h2m3.5s"`), sometimes as bare seconds;
 //! - `retry-after-ms` (OpenAI's, milliseconds) and `Retry-After` (RFC 9110 §10.2.3:
-//!   delta-seconds or an HTTP-date).
+//!   delta-seconds or an HTTP-date);
+//! - Anthropic's `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`, whose reset
+//!   is the RFC 3339 instant the window refills (`2025-01-01T00:01:30Z`), turned into a delay
+//!   from the caller's `unix_now`; they fill the same fields as OpenAI's;
+//! - Gemini's 429 `RESOURCE_EXHAUSTED` body, whose `RetryInfo` detail carries a protobuf
+//!   duration (`"retryDelay": "30s"`): [`retry_delay_in_body`], used when no header said.
 //!
 //! Headers are advice, not protocol: a garbage value only leaves its field empty, it never fails
 //! the response. Parsing works on the borrowed bytes and never allocates. Huge but well-formed
@@ -66,9 +72,11 @@ enum Header {
     ResetTokens,
     RetryAfter,
     RetryAfterMs,
+    ResetRequestsAt,
+    ResetTokensAt,
 }
 
-const HEADERS: [(&str, Header); 8] = [
+const HEADERS: [(&str, Header); 14] = [
     ("x-ratelimit-limit-requests", Header::LimitRequests),
     ("x-ratelimit-limit-tokens", Header::LimitTokens),
     ("x-ratelimit-remaining-requests", Header::RemainingRequests),
@@ -77,6 +85,21 @@ const HEADERS: [(&str, Header); 8] = [
     ("x-ratelimit-reset-tokens", Header::ResetTokens),
     ("retry-after", Header::RetryAfter),
     ("retry-after-ms", Header::RetryAfterMs),
+    ("anthropic-ratelimit-requests-limit", Header::LimitRequests),
+    (
+        "anthropic-ratelimit-requests-remaining",
+        Header::RemainingRequests,
+    ),
+    (
+        "anthropic-ratelimit-requests-reset",
+        Header::ResetRequestsAt,
+    ),
+    ("anthropic-ratelimit-tokens-limit", Header::LimitTokens),
+    (
+        "anthropic-ratelimit-tokens-remaining",
+        Header::RemainingTokens,
+    ),
+    ("anthropic-ratelimit-tokens-reset", Header::ResetTokensAt),
 ];
 
 impl RateLimitHeaders {
@@ -109,6 +132,12 @@ impl RateLimitHeaders {
                 Header::ResetTokens => first(&mut out.reset_tokens, parse_reset(value)),
                 Header::RetryAfter => first(&mut retry_after, parse_retry_after(value, unix_now)),
                 Header::RetryAfterMs => first(&mut retry_after_ms, parse_retry_after_ms(value)),
+                Header::ResetRequestsAt => {
+                    first(&mut out.reset_requests, parse_reset_at(value, unix_now));
+                }
+                Header::ResetTokensAt => {
+                    first(&mut out.reset_tokens, parse_reset_at(value, unix_now));
+                }
             }
         }
         out.retry_after = retry_after_ms.or(retry_after);
@@ -148,6 +177,106 @@ pub fn parse_retry_after(value: &str, unix_now: Duration) -> Option<Duration> {
 pub fn parse_retry_after_ms(value: &str) -> Option<Duration> {
     let millis = Decimal::parse(value.trim())?;
     Some(duration_from_nanos(millis.nanos(NANOS_PER_MILLI)))
+}
+
+/// Anthropic's reset: an RFC 3339 instant, as a delay from `unix_now` (zero once past).
+pub fn parse_reset_at(value: &str, unix_now: Duration) -> Option<Duration> {
+    Some(parse_rfc3339(value.trim())?.saturating_sub(unix_now))
+}
+
+/// Gemini's delay in a 429 `RESOURCE_EXHAUSTED` error body: the `retryDelay` of its
+/// `google.rpc.RetryInfo` detail, a protobuf duration (`"30s"`, `"1.5s"`). `None` for any other
+/// body. Scans the bytes rather than parsing JSON: the body is small, its shape varies (Gemini's
+/// OpenAI endpoint wraps the error in an array) and kcp-core holds no JSON parser.
+pub fn retry_delay_in_body(body: &[u8]) -> Option<Duration> {
+    let body = std::str::from_utf8(body).ok()?;
+    if !body.contains("RESOURCE_EXHAUSTED") {
+        return None;
+    }
+    let (_, after) = body.split_once("\"retryDelay\"")?;
+    let value = after.trim_start().strip_prefix(':')?.trim_start();
+    let (delay, _) = value.strip_prefix('"')?.split_once('"')?;
+    let seconds = delay.trim().strip_suffix('s')?;
+    Some(duration_from_nanos(
+        Decimal::parse(seconds)?.nanos(NANOS_PER_SEC),
+    ))
+}
+
+/// An RFC 3339 date-time (`2025-01-01T00:01:30Z`, `...30.25+02:00`) as time since the Unix
+/// epoch; before the epoch, or not a valid date-time, is `None`.
+fn parse_rfc3339(value: &str) -> Option<Duration> {
+    let b = value.as_bytes();
+    let number = |range: std::ops::Range<usize>| number_in(value.get(range)?);
+    let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if b.len() < 20
+        || separators.iter().any(|&(i, c)| b[i] != c)
+        || !matches!(b[10], b'T' | b't' | b' ')
+    {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || day == 0
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &value[19..];
+    let mut nanos = 0;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let end = fraction
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(fraction.len());
+        // Digits past the nanosecond are dropped; at most 9 are kept, so they fit a u32.
+        let kept = fraction.get(..end.min(9)).filter(|d| !d.is_empty())?;
+        nanos = kept.parse::<u32>().ok()? * 10u32.pow(9 - kept.len() as u32);
+        rest = &fraction[end..];
+    }
+    let offset: i64 = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (hours, minutes) = (number_in(&rest[1..3])?, number_in(&rest[4..6])?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let seconds = (hours * 3600 + minutes * 60) as i64;
+            if *sign == b'+' { seconds } else { -seconds }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let local = days * 86_400 + (hour * 3600 + minute * 60 + second) as i64;
+    let utc = u64::try_from(local - offset).ok()?;
+    Some(Duration::new(utc, nanos))
+}
+
+fn number_in(digits: &str) -> Option<u64> {
+    is_digits(digits).then(|| digits.parse().ok()).flatten()
+}
+
+fn days_in_month(year: u64, month: u64) -> u64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `days_from_civil`,
+/// chrono-compatible date algorithms).
+fn days_from_civil(year: u64, month: u64, day: u64) -> i64 {
+    let year = year as i64 - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_from_march = (month as i64 + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day as i64 - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 /// Stores `value` in `slot` unless the slot already holds one.
@@ -509,6 +638,136 @@ mod tests {
         );
     }
 
+    #[test]
+    fn anthropic_headers_fill_the_same_fields() {
+        let now = Duration::from_secs(1_735_689_600);
+        let headers = RateLimitHeaders::parse(
+            [
+                ("anthropic-ratelimit-requests-limit", &b"50"[..]),
+                ("anthropic-ratelimit-requests-remaining", b"49"),
+                (
+                    "anthropic-ratelimit-requests-reset",
+                    b"2025-01-01T00:01:30Z",
+                ),
+                ("Anthropic-RateLimit-Tokens-Limit", b"40000"),
+                ("anthropic-ratelimit-tokens-remaining", b"39000"),
+                (
+                    "anthropic-ratelimit-tokens-reset",
+                    b"2025-01-01T02:00:00.25+02:00",
+                ),
+                ("retry-after", b"7"),
+            ],
+            now,
+        );
+        assert_eq!(
+            headers,
+            RateLimitHeaders {
+                limit_requests: Some(50),
+                remaining_requests: Some(49),
+                reset_requests: Some(Duration::from_secs(90)),
+                limit_tokens: Some(40_000),
+                remaining_tokens: Some(39_000),
+                reset_tokens: Some(ms(250)),
+                retry_after: Some(Duration::from_secs(7)),
+            }
+        );
+    }
+
+    #[test]
+    fn rfc3339_instants_and_near_misses() {
+        let at = |value: &str| parse_reset_at(value, Duration::ZERO);
+        assert_eq!(at("1970-01-01T00:00:00Z"), Some(Duration::ZERO));
+        assert_eq!(
+            at("2024-02-29T12:00:00.5+02:00"),
+            Some(Duration::new(1_709_200_800, 500_000_000))
+        );
+        assert_eq!(
+            at("2025-01-01t00:01:30.123456789123z"),
+            Some(Duration::new(1_735_689_690, 123_456_789)),
+            "digits past the nanosecond are dropped"
+        );
+        assert_eq!(
+            parse_reset_at("2025-01-01T00:01:30Z", Duration::from_secs(1_800_000_000)),
+            Some(Duration::ZERO),
+            "a past instant means now"
+        );
+        for bad in [
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00+0200",
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T00:00:00+00:01",
+            "2024-1-01T00:00:00Z",
+            "30s",
+            "",
+        ] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn gemini_retry_delay_comes_from_a_resource_exhausted_body() {
+        let body = br#"[{"error": {"code": 429, "message": "You exceeded your current quota.",
+            "status": "RESOURCE_EXHAUSTED", "details": [
+              {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
+              {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}]}}]"#;
+        assert_eq!(retry_delay_in_body(body), Some(Duration::from_secs(30)));
+        assert_eq!(
+            retry_delay_in_body(
+                br#"{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"retryDelay" : "1.5s"}]}}"#
+            ),
+            Some(ms(1_500))
+        );
+        for other in [
+            &br#"{"error":{"status":"RESOURCE_EXHAUSTED"}}"#[..],
+            br#"{"error":{"status":"UNAVAILABLE","details":[{"retryDelay":"30s"}]}}"#,
+            br#"{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"retryDelay":"30"}]}}"#,
+            br#"{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"retryDelay":30}]}}"#,
+            b"\xff RESOURCE_EXHAUSTED",
+        ] {
+            assert_eq!(
+                retry_delay_in_body(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    /// The date-time of `secs` since the epoch, `offset_minutes` east of UTC, in RFC 3339 with
+    /// nine fractional digits (Hinnant's `civil_from_days`, the inverse of the parser's).
+    fn rfc3339(secs: u64, nanos: u32, offset_minutes: i64) -> String {
+        let local = secs as i64 + offset_minutes * 60;
+        let (days, time) = (local.div_euclid(86_400), local.rem_euclid(86_400));
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let zone = match offset_minutes {
+            0 => "Z".to_owned(),
+            m => format!(
+                "{}{:02}:{:02}",
+                if m > 0 { '+' } else { '-' },
+                m.abs() / 60,
+                m.abs() % 60
+            ),
+        };
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}{zone}",
+            time / 3600,
+            time % 3600 / 60,
+            time % 60
+        )
+    }
+
     /// Formats `nanos` of seconds like Go: integer part, then the fraction without trailing zeros.
     fn go_seconds(secs: u64, nanos: u32) -> String {
         if nanos == 0 {
@@ -524,6 +783,48 @@ mod tests {
             let _ = parse_reset(&value);
             let _ = parse_retry_after_ms(&value);
             let _ = parse_retry_after(&value, Duration::from_secs(1_700_000_000));
+        }
+
+        #[test]
+        fn rfc3339_instants_round_trip(
+            secs in 86_400u64..4_102_444_800,
+            nanos in 0u32..1_000_000_000,
+            offset_minutes in -1_439i64..=1_439,
+            now in 0u64..4_102_444_800,
+        ) {
+            let text = rfc3339(secs, nanos, offset_minutes);
+            let instant = Duration::new(secs, nanos);
+            prop_assert_eq!(parse_reset_at(&text, Duration::ZERO), Some(instant), "{}", text);
+            let now = Duration::from_secs(now);
+            prop_assert_eq!(
+                parse_reset_at(&text, now),
+                Some(instant.saturating_sub(now)),
+                "{}", text
+            );
+        }
+
+        #[test]
+        fn dialect_parsers_never_panic(value in "\\PC*", bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_reset_at(&value, Duration::from_secs(1_700_000_000));
+            let _ = retry_delay_in_body(value.as_bytes());
+            let _ = retry_delay_in_body(&bytes);
+        }
+
+        #[test]
+        fn near_miss_instants_never_panic(value in "[0-9tTzZ:+. -]{0,32}") {
+            let _ = parse_reset_at(&value, Duration::ZERO);
+        }
+
+        #[test]
+        fn gemini_delays_round_trip(secs in 0u64..100_000, millis in prop::option::of(0u64..1_000)) {
+            let (delay, expected) = match millis {
+                Some(m) => (format!("{secs}.{m:03}s"), Duration::from_secs(secs) + ms(m)),
+                None => (format!("{secs}s"), Duration::from_secs(secs)),
+            };
+            let body = format!(
+                r#"{{"error":{{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay}"}}]}}}}"#
+            );
+            prop_assert_eq!(retry_delay_in_body(body.as_bytes()), Some(expected));
         }
 
         #[test]

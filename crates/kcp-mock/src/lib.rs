@@ -19,6 +19,7 @@
 //! It is a crate of its own, not a test module, so that `kcp-server demo` plays the very same
 //! upstream the tests do.
 
+pub mod providers;
 pub mod rate_limit;
 
 use std::collections::{HashMap, VecDeque};
@@ -171,7 +172,7 @@ impl Behaviour {
 /// One request as the mock received it.
 #[derive(Clone, Debug)]
 pub struct Call {
-    /// Bearer token from `Authorization`, if any.
+    /// Bearer token from `Authorization`, else Azure's `api-key`, if any.
     pub key: Option<String>,
     pub method: String,
     pub path_and_query: String,
@@ -720,8 +721,8 @@ async fn respond(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBo
         .unwrap_or_default();
     let received = Received {
         method: parts.method.clone(),
-        path: parts.uri.path().to_owned(),
-        key: bearer(&parts.headers),
+        path: providers::openai_path(parts.uri.path()),
+        key: bearer(&parts.headers).or_else(|| azure_key(&parts.headers)),
         json: serde_json::from_slice(&body).ok(),
     };
     let call = Call {
@@ -1054,6 +1055,10 @@ fn sse_response(body: MockBody) -> Response<MockBody> {
     map.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     map.insert("cache-control", HeaderValue::from_static("no-cache"));
     response
+}
+
+fn azure_key(headers: &HeaderMap) -> Option<String> {
+    Some(headers.get("api-key")?.to_str().ok()?.trim().to_owned())
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {

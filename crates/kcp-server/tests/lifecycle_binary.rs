@@ -124,7 +124,11 @@ fn check_config_prints_the_effective_config_without_a_secret() {
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["name"], "alpha");
     assert_eq!(keys[0]["fingerprint"], Secret::new(KEY).fingerprint());
-    assert_eq!(keys[0]["url"], "http://127.0.0.1:9");
+    assert_eq!(
+        keys[0]["url"], "http://127.0.0.1:9/v1",
+        "the effective root"
+    );
+    assert_eq!(keys[0]["kind"], "openai");
     for secret in [KEY, ADMIN_TOKEN, &KEY[3..]] {
         assert!(
             !stdout.contains(secret),

@@ -11,7 +11,7 @@
 //! | [`Class::RateLimited`] | other 429s | rests as the provider says | next key, or a wait |
 //! | [`Class::TooLarge`] | 429 "Request too large … Limit N, Requested M" | learns its token limit, nothing else | a key whose limit fits, else the provider's answer |
 //! | [`Class::Upstream`] | no answer; 500, 502, 503, 504 | health penalty, circuit; a 503 `Retry-After` rests it | retried with backoff unless it may have reached the provider and may not be replayed |
-//! | [`Class::Request`] | any other 4xx (a 404 for an unknown object too) | nothing | passed through after one call |
+//! | [`Class::Request`] | any other 4xx (a 404 for an unknown object too, Azure's 400 `content_filter`) | nothing | passed through after one call |
 
 use std::time::Duration;
 
@@ -359,6 +359,21 @@ mod tests {
                 "{message}"
             );
         }
+    }
+
+    /// Azure's content filter judges the prompt, not the key: another key would filter it
+    /// the same way, so it is passed through after one call.
+    #[test]
+    fn azure_content_filter_is_a_request_error() {
+        let filtered = reply(
+            400,
+            Some("content_filter"),
+            Some(
+                "The response was filtered due to the prompt triggering Azure OpenAI's \
+                 content management policy. Please modify your prompt and retry.",
+            ),
+        );
+        assert_eq!(classify(&filtered), Class::Request);
     }
 
     #[test]

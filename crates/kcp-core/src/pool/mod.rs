@@ -11,6 +11,7 @@ mod home;
 mod recheck;
 mod strategy;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
 use std::num::NonZeroU32;
@@ -100,7 +101,7 @@ impl PoolKey {
         let _ = self.state.organization.set(organization.into());
         let group = self
             .groups
-            .join(normalize_url(&self.spec.url), organization, self.index);
+            .join(&normalize_url(&self.spec.url), organization, self.index);
         let _ = self.group.set(group);
     }
 }
@@ -136,7 +137,7 @@ impl KeyPool {
         previous: Option<&KeyPool>,
     ) -> Result<KeyPool, PoolError> {
         let mut unique: Vec<KeySpec> = Vec::with_capacity(specs.len());
-        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(specs.len());
+        let mut seen: HashSet<(&str, Cow<'_, str>)> = HashSet::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
             if spec.secret.is_empty() {
                 return Err(PoolError::EmptySecret(i));
@@ -150,7 +151,7 @@ impl KeyPool {
         }
         let routes =
             RouteTable::build(&unique.iter().map(|s| s.models.clone()).collect::<Vec<_>>())?;
-        let earlier: HashMap<(&str, &str), &PoolKey> = previous
+        let earlier: HashMap<(&str, Cow<'_, str>), &PoolKey> = previous
             .map(|p| p.keys.iter().map(|k| (k.spec.identity(), &**k)).collect())
             .unwrap_or_default();
         let vtime = previous.map_or(0, |p| p.fair.vtime_bits());
@@ -178,7 +179,7 @@ impl KeyPool {
             if let Some(org) = organization {
                 let url = normalize_url(&spec.url);
                 let previous = previous.map(|p| &*p.groups);
-                let _ = group.set(groups.join_or_adopt(url, org, index, previous));
+                let _ = group.set(groups.join_or_adopt(&url, org, index, previous));
             }
             keys.push(Arc::new(PoolKey {
                 id: spec.id(),

@@ -7,14 +7,14 @@
 //! the same key; the first occurrence wins, so a named, weighted TOML entry is not replaced by
 //! a bare copy from `OPENAI_KEYS`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 
 use figment::Figment;
 use figment::providers::{Format, Json};
 use figment::value::Value;
-use kcp_core::{KeySpec, Secret};
+use kcp_core::{KeyKind, KeySpec, Secret};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde::de::IgnoredAny;
@@ -106,6 +106,19 @@ struct KeyEntry {
     tpm: Option<u32>,
     organization: Option<String>,
     project: Option<String>,
+    kind: Option<KeyKind>,
+    deployments: Option<BTreeMap<String, String>>,
+    api_version: Option<String>,
+}
+
+/// Which provider dialect a key speaks, in both config formats: `kind` (`openai` by
+/// default, or `azure`) and, for Azure's classic deployments form, `api_version` and the
+/// `deployments` map from model to deployment.
+#[derive(Debug, Default)]
+struct Provider {
+    kind: Option<KeyKind>,
+    deployments: Option<BTreeMap<String, String>>,
+    api_version: Option<String>,
 }
 
 /// The legacy `config.json` of the original project: `{"apiKeys": [...]}`.
@@ -123,6 +136,10 @@ struct LegacyKey {
     key: Secret,
     url: Option<String>,
     models: Option<Vec<String>>,
+    kind: Option<KeyKind>,
+    deployments: Option<BTreeMap<String, String>>,
+    #[serde(alias = "apiVersion")]
+    api_version: Option<String>,
 }
 
 /// Reads `[[api_keys]]` from `figment` (whose only array source is `config.toml`).
@@ -147,22 +164,25 @@ pub(super) fn from_toml(
         let secret = entry_secret(entry.key, entry.key_env, &fail, problems);
         let url = entry_url(entry.url, base_url, &fail, problems);
         let models = entry_models(entry.models, &fail, problems);
+        let provider = Provider {
+            kind: entry.kind,
+            deployments: entry.deployments,
+            api_version: entry.api_version,
+        };
+        entry_provider(&provider, &fail, problems);
         if let (Some(secret), true) = (secret, problems.len() == before) {
+            let mut key = with_provider(plain_key(secret, url, models), provider);
+            key.name = entry.name;
+            key.weight = entry.weight.unwrap_or(1);
+            key.rpm = entry.rpm;
+            key.tpm = entry.tpm;
+            key.organization = entry.organization;
+            key.project = entry.project;
             candidates.push(Candidate {
                 origin: Origin::Toml,
                 source: source.to_owned(),
                 place,
-                key: KeySpec {
-                    secret,
-                    url,
-                    models,
-                    name: entry.name,
-                    weight: entry.weight.unwrap_or(1),
-                    rpm: entry.rpm,
-                    tpm: entry.tpm,
-                    organization: entry.organization,
-                    project: entry.project,
-                },
+                key,
             });
         }
     }
@@ -200,12 +220,18 @@ pub(super) fn from_json(
         let secret = entry_secret(Some(entry.key), None, &fail, problems);
         let url = entry_url(entry.url, base_url, &fail, problems);
         let models = entry_models(entry.models, &fail, problems);
+        let provider = Provider {
+            kind: entry.kind,
+            deployments: entry.deployments,
+            api_version: entry.api_version,
+        };
+        entry_provider(&provider, &fail, problems);
         if let (Some(secret), true) = (secret, problems.len() == before) {
             candidates.push(Candidate {
                 origin: Origin::Json,
                 source: source.to_owned(),
                 place,
-                key: plain_key(secret, url, models),
+                key: with_provider(plain_key(secret, url, models), provider),
             });
         }
     }
@@ -222,7 +248,7 @@ pub(super) fn from_openai_keys(raw: &str, base_url: &str) -> Vec<Candidate> {
             origin: Origin::Env,
             source: "OPENAI_KEYS".to_owned(),
             place: format!("entry #{}", index + 1),
-            key: plain_key(secret, normalize_url(base_url), vec![ANY_MODEL.to_owned()]),
+            key: plain_key(secret, root_url(base_url), vec![ANY_MODEL.to_owned()]),
         })
         .collect()
 }
@@ -275,16 +301,56 @@ pub(super) fn combine(
 }
 
 fn plain_key(secret: Secret, url: String, models: Vec<String>) -> KeySpec {
-    KeySpec {
-        secret,
-        url,
-        models,
-        name: None,
-        weight: 1,
-        rpm: None,
-        tpm: None,
-        organization: None,
-        project: None,
+    KeySpec::new(secret, url).with_models(models)
+}
+
+fn with_provider(mut key: KeySpec, provider: Provider) -> KeySpec {
+    key.kind = provider.kind.unwrap_or_default();
+    key.deployments = provider.deployments.unwrap_or_default();
+    key.api_version = provider.api_version;
+    key
+}
+
+/// `deployments` and `api_version` belong to an Azure key, `deployments` needs the
+/// `api_version` of the classic form, and both go into a URL as written, so they are plain
+/// names (letters, digits, `-`, `_`, `.`).
+fn entry_provider(provider: &Provider, fail: &Failure<'_>, problems: &mut Vec<Problem>) {
+    let azure = provider.kind == Some(KeyKind::Azure);
+    if !azure && (provider.deployments.is_some() || provider.api_version.is_some()) {
+        fail.push(
+            problems,
+            "sets deployments or api_version, which only an Azure key has",
+            "add kind = \"azure\", or remove them",
+        );
+    }
+    if azure && provider.deployments.is_some() && provider.api_version.is_none() {
+        fail.push(
+            problems,
+            "sets deployments without api_version (Azure's classic form needs both)",
+            "add api_version = \"2024-10-21\" (or your version), or remove deployments to use Azure's v1 API",
+        );
+    }
+    let plain = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if provider.api_version.as_deref().is_some_and(|v| !plain(v)) {
+        fail.push(
+            problems,
+            "api_version is empty or has characters other than letters, digits, -, _ and .",
+            "write it as Azure documents it, e.g. api_version = \"2024-10-21\"",
+        );
+    }
+    for (model, deployment) in provider.deployments.iter().flatten() {
+        if !plain(deployment) {
+            fail.push(
+                problems,
+                format!("deployment `{deployment}` of model `{model}` is not a plain name"),
+                "use the deployment's name as shown in Azure (letters, digits, -, _ and .)",
+            );
+        }
     }
 }
 
@@ -395,9 +461,9 @@ fn entry_url(
                     "use an http(s) URL with a host, e.g. https://api.openai.com/v1",
                 );
             }
-            normalize_url(&url)
+            root_url(&url)
         }
-        None => normalize_url(base_url),
+        None => root_url(base_url),
     }
 }
 
@@ -427,9 +493,10 @@ fn entry_models(
     models
 }
 
-/// `https://host/v1/` and `https://host/v1` are the same upstream.
-fn normalize_url(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_owned()
+/// The key's url as its provider root: kcp-core's one rule, so what the pool counts as one
+/// key and where the proxy sends a request always agree.
+fn root_url(url: &str) -> String {
+    kcp_core::normalize_url(url).into_owned()
 }
 
 /// Reports problems of one key entry, prefixed with where it was written.

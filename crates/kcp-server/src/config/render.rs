@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use super::load::LoadedConfig;
 use super::sections::Config;
-use kcp_core::KeySpec;
+use std::collections::BTreeMap;
+
+use kcp_core::{KeyKind, KeySpec};
 
 #[derive(Serialize)]
 struct Effective<'a> {
@@ -29,6 +31,11 @@ struct KeyView<'a> {
     tpm: Option<u32>,
     organization: Option<&'a str>,
     project: Option<&'a str>,
+    kind: KeyKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    deployments: &'a BTreeMap<String, String>,
 }
 
 impl<'a> From<&'a KeySpec> for KeyView<'a> {
@@ -43,6 +50,9 @@ impl<'a> From<&'a KeySpec> for KeyView<'a> {
             tpm: key.tpm,
             organization: key.organization.as_deref(),
             project: key.project.as_deref(),
+            kind: key.kind,
+            api_version: key.api_version.as_deref(),
+            deployments: &key.deployments,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use figment::Jail;
-use kcp_core::{KeySpec, Strategy};
+use kcp_core::{KeyKind, KeySpec, Strategy};
 
 use super::*;
 use crate::cli::Cli;
@@ -1267,4 +1267,108 @@ fn secure_defaults() {
     assert!(config.cors.allowed_origins.is_empty());
     assert!(!config.auth.allow_anonymous);
     assert_eq!(config.server.body_timeout_ms, 60_000);
+}
+
+#[test]
+fn azure_keys_in_toml_and_legacy_json() {
+    jail(|jail| {
+        jail.create_file(
+            "config.toml",
+            r#"
+            [[api_keys]]
+            key = "sk-openai"
+            url = "https://api.openai.com"
+
+            [[api_keys]]
+            key = "az-v1"
+            kind = "azure"
+            url = "https://res.openai.azure.com/openai/v1/"
+
+            [[api_keys]]
+            key = "az-classic"
+            kind = "azure"
+            url = "https://res.openai.azure.com"
+            api_version = "2024-10-21"
+            deployments = { "gpt-4o" = "prod-4o" }
+            "#,
+        )?;
+        jail.create_file(
+            "config.json",
+            r#"{"apiKeys": [{"key": "az-json", "url": "https://r2.openai.azure.com", "kind": "azure", "apiVersion": "2024-10-21", "deployments": {"gpt-4o-mini": "mini"}}]}"#,
+        )?;
+        let config = loaded(&Cli::default())?;
+        let keys = &config.keys;
+        assert_eq!(
+            exposed(keys),
+            ["sk-openai", "az-v1", "az-classic", "az-json"]
+        );
+        let kinds: Vec<KeyKind> = keys.iter().map(|k| k.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                KeyKind::OpenAi,
+                KeyKind::Azure,
+                KeyKind::Azure,
+                KeyKind::Azure
+            ]
+        );
+        assert_eq!(keys[0].url, "https://api.openai.com/v1");
+        assert_eq!(keys[1].url, "https://res.openai.azure.com/openai/v1");
+        assert_eq!(keys[1].api_version, None);
+        assert_eq!(keys[2].api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(keys[2].deployment("gpt-4o"), "prod-4o");
+        assert_eq!(keys[3].api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(keys[3].deployment("gpt-4o-mini"), "mini");
+        let effective: serde_json::Value =
+            serde_json::from_str(&render_effective(&config)).expect("JSON");
+        let classic = &effective["api_keys"][2];
+        assert_eq!(classic["kind"], "azure");
+        assert_eq!(classic["api_version"], "2024-10-21");
+        assert_eq!(classic["deployments"]["gpt-4o"], "prod-4o");
+        assert_eq!(effective["api_keys"][0].get("deployments"), None);
+        Ok(())
+    });
+}
+
+#[test]
+fn azure_settings_are_checked() {
+    jail(|jail| {
+        let problems = toml_problems(
+            jail,
+            r#"
+            [[api_keys]]
+            key = "sk-a"
+            api_version = "2024-10-21"
+
+            [[api_keys]]
+            key = "az-b"
+            kind = "azure"
+            deployments = { "gpt-4o" = "prod" }
+
+            [[api_keys]]
+            key = "az-c"
+            kind = "azure"
+            api_version = "2024-10-21"
+            deployments = { "gpt-4o" = "prod/../x" }
+
+            [[api_keys]]
+            key = "az-d"
+            kind = "azur"
+            "#,
+        )?;
+        assert_problem(
+            &problems,
+            &["[[api_keys]] #1", "only an Azure key", "kind = \"azure\""],
+        );
+        assert_problem(&problems, &["[[api_keys]] #2", "without api_version"]);
+        assert_problem(
+            &problems,
+            &[
+                "[[api_keys]] #3",
+                "deployment `prod/../x` of model `gpt-4o`",
+            ],
+        );
+        assert_problem(&problems, &["[[api_keys]] #4", "azur"]);
+        Ok(())
+    });
 }

@@ -342,7 +342,7 @@ impl Driver<'_> {
     /// The request as `lease`'s key sends it.
     fn build(&self, lease: &Lease) -> Result<Request<Full<Bytes>>, BuildError> {
         let spec = lease.spec();
-        let uri = target_url::join(&spec.url, self.request.path_and_query)?;
+        let uri = target_url::join(spec, self.request.path_and_query, self.request.model)?;
         let mut headers = self.request.headers.clone();
         headers::add_key(&mut headers, spec)?;
         let mut request = Request::new(Full::new(self.request.body.clone()));

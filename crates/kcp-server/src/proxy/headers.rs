@@ -22,7 +22,7 @@ use http::header::{
     TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
-use kcp_core::{KeySpec, Secret};
+use kcp_core::{KeyKind, KeySpec, Secret};
 
 /// `OpenAI-Organization`, sent when the key's config names one.
 pub const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
@@ -82,10 +82,19 @@ pub fn strip_response(headers: &mut HeaderMap) {
     }
 }
 
-/// Authenticates a request as `spec`'s key: `Authorization: Bearer <key>` (marked sensitive,
-/// so hyper's HPACK never indexes it), plus the key's organization and project when set.
+/// Authenticates a request as `spec`'s key: `Authorization: Bearer <key>`, or for an Azure
+/// key `api-key: <key>` and no `Authorization` (both marked sensitive, so hyper's HPACK never
+/// indexes them), plus the key's organization and project when set.
 pub fn add_key(headers: &mut HeaderMap, spec: &KeySpec) -> Result<(), KeyHeaderError> {
-    headers.insert(AUTHORIZATION, bearer(&spec.secret)?);
+    match spec.kind {
+        KeyKind::OpenAi => {
+            headers.insert(AUTHORIZATION, bearer(&spec.secret)?);
+        }
+        KeyKind::Azure => {
+            headers.remove(AUTHORIZATION);
+            headers.insert(API_KEY, azure_key(&spec.secret)?);
+        }
+    }
     if let Some(organization) = &spec.organization {
         let value =
             HeaderValue::from_str(organization).map_err(|_| KeyHeaderError("organization"))?;
@@ -121,7 +130,14 @@ pub fn check_key(
 #[error("the API key's {0} is not a valid HTTP header value")]
 pub struct KeyHeaderError(pub &'static str);
 
-/// The one place a secret is exposed: the `Authorization` header to its own upstream.
+/// One of the two places a secret is exposed: Azure's `api-key` header to its own upstream.
+fn azure_key(secret: &Secret) -> Result<HeaderValue, KeyHeaderError> {
+    let mut value = HeaderValue::try_from(secret.expose()).map_err(|_| KeyHeaderError("key"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// The other place a secret is exposed: the `Authorization` header to its own upstream.
 fn bearer(secret: &Secret) -> Result<HeaderValue, KeyHeaderError> {
     let mut value = HeaderValue::try_from(format!("Bearer {}", secret.expose()))
         .map_err(|_| KeyHeaderError("key"))?;
@@ -174,6 +190,22 @@ mod tests {
             );
         }
         headers
+    }
+
+    #[test]
+    fn an_azure_key_sends_api_key_and_never_authorization() {
+        let spec = KeySpec::new(Secret::new("az-secret"), "https://r.openai.azure.com").azure();
+        let mut headers = map(&[("authorization", "Bearer stray")]);
+        add_key(&mut headers, &spec).expect("valid key");
+        assert_eq!(headers.get("authorization"), None);
+        let api_key = headers.get("api-key").expect("api-key");
+        assert_eq!(api_key, "az-secret");
+        assert!(api_key.is_sensitive());
+        let openai = KeySpec::new(Secret::new("sk-x"), "https://api.openai.com");
+        let mut headers = HeaderMap::new();
+        add_key(&mut headers, &openai).expect("valid key");
+        assert_eq!(headers.get("authorization").expect("bearer"), "Bearer sk-x");
+        assert_eq!(headers.get("api-key"), None);
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub async fn check(app: &App, lease: Lease) -> Changes {
 
 fn request(lease: &Lease) -> Option<Request<Full<Bytes>>> {
     let spec = lease.spec();
-    let uri = target_url::join(&spec.url, PROBE_PATH).ok()?;
+    let uri = target_url::join(spec, PROBE_PATH, None).ok()?;
     let mut headers = HeaderMap::new();
     headers::add_key(&mut headers, spec).ok()?;
     let mut request = Request::new(Full::new(Bytes::new()));

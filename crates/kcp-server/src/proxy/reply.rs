@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body::Body;
 use http_body_util::BodyExt;
-use kcp_core::{Answer, ErrorBody, RateLimitHeaders, Reply};
+use kcp_core::{Answer, ErrorBody, RateLimitHeaders, Reply, retry_delay_in_body};
 use kcp_upstream::ResponseBody;
 
 use super::body::ProxyBody;
@@ -77,6 +77,11 @@ pub async fn read(response: Response<ResponseBody>) -> Read {
         Content::Read(bytes) => ErrorFields::parse(bytes),
         Content::Stream(_) | Content::Lost => ErrorFields::default(),
     };
+    let mut limits = limits;
+    if let (429, None, Content::Read(bytes)) = (parts.status.as_u16(), limits.retry_after, &body) {
+        // Gemini says how long to wait in the body (`retryDelay`), not in a header.
+        limits.retry_after = retry_delay_in_body(bytes);
+    }
     Read {
         parts,
         body,
