@@ -1,6 +1,6 @@
 //! What happened to one attempt, and which error class that puts it in.
 //!
-//! The classes (GUIDE.md, "Error classes") decide everything else: a key-permanent failure
+//! The classes (README.md, "How a request flows") decide everything else: a key-permanent failure
 //! disables the key, a key-transient one cools it, an upstream failure costs health and may
 //! open the key's circuit, and a request-class answer says nothing about the key at all.
 

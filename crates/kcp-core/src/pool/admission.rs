@@ -132,12 +132,6 @@ impl KeyPool {
         }
     }
 
-    /// Start-time fair queueing over the candidates (see [`KeyPool::select`]).
-    ///
-    /// Reading a key's tag is one atomic load, while checking whether it can take the
-    /// request is a dozen; so the tags of a window of candidates are read first and only
-    /// then are keys checked, smallest tag first, usually just one. When none in a window
-    /// can take the request, the next window is tried.
     /// Whether `key` can take the request now, without changing anything.
     pub(in crate::pool) fn check(&self, key: &PoolKey, demand: &Demand<'_>, now: Time) -> Check {
         use crate::gate::Pass;

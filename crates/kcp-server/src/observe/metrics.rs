@@ -8,7 +8,7 @@
 //! - **Request path** (`kcp_requests_total`, `kcp_upstream_requests_total`, the latency
 //!   histograms, `kcp_retries_total`, `kcp_inflight_requests`): updated by the service as it
 //!   works. These calls take no lock of ours; the model allow-list is an immutable set swapped
-//!   atomically on reload ([`ArcSwap`]), as house rule 7 asks.
+//!   atomically on reload ([`ArcSwap`]), so the request path takes no lock.
 //! - **Key state** (`kcp_key_state`, `kcp_key_cooldown_seconds`, `kcp_key_remaining_*`):
 //!   gauges copied from `KeyPool::snapshot(now)` by [`Metrics::refresh_keys`] right before each
 //!   scrape, so they are exact at scrape time and cost nothing between scrapes.

@@ -4,7 +4,7 @@
 //! the command line the server started with, builds the new key pool with
 //! `KeyPool::rebuild` (a key still present keeps its live state: cooldown, disabled, health,
 //! learned limits, counters) and only then stores the configuration, the pool and the
-//! [`Policies`] derived from it as one [`Generation`], in one atomic swap (house rule 7): a
+//! [`Policies`] derived from it as one [`Generation`], in one atomic swap (no lock on the request path): a
 //! request in flight keeps the generation and the lease it has, the next one sees the new one.
 //! Nothing is stored unless everything checks out, so an invalid file leaves the running
 //! configuration in effect. Settings bound at start (listen addresses, the upstream client's

@@ -22,7 +22,14 @@ pub const FAIR_WINDOW: usize = 16;
 /// How many strides of the fastest key a tag may lead the virtual time by: keys up to 64
 /// times slower than the fastest keep their exact share.
 pub const MAX_LEAD: f64 = 64.0;
+
 impl KeyPool {
+    /// Start-time fair queueing over the candidates (see the module docs).
+    ///
+    /// Reading a key's tag is one atomic load, while checking whether it can take the
+    /// request is a dozen; so the tags of a window of candidates are read first and only
+    /// then are keys checked, smallest tag first, usually just one. When none in a window
+    /// can take the request, the next window is tried.
     pub(in crate::pool) fn fair(
         &self,
         keys: &[KeyIndex],

@@ -9,6 +9,8 @@ use crate::routing::{Candidates, KeyIndex};
 use crate::time::Time;
 
 impl KeyPool {
+    /// The cheaper of two random candidates that can take the request; when neither can, any
+    /// key that can, in rotation.
     pub(in crate::pool) fn two_choices<R: Random + ?Sized>(
         &self,
         keys: &[KeyIndex],

@@ -9,6 +9,7 @@ use crate::routing::{Candidates, KeyIndex};
 use crate::time::Time;
 
 impl KeyPool {
+    /// The first key that can take the request, starting one further along each time.
     pub(in crate::pool) fn rotate(
         &self,
         keys: &[KeyIndex],
