@@ -11,9 +11,10 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use key_cycle_proxy::core::Strategy;
 use support::observe::metric;
-use support::proxy_harness::{Proxy, WAIT, start_proxy};
+use support::proxy_harness::{Proxy, start_proxy};
+use support::raw::read_to_close;
 use support::{Behaviour, MockUpstream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const KEY_A: &str = "sk-test-edge-alpha-0000001";
@@ -34,17 +35,7 @@ async fn two_keys(mock: &MockUpstream) -> Proxy {
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(bytes).await.expect("write");
-    let mut read = Vec::new();
-    let _ = tokio::time::timeout(WAIT, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => read.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let (read, _) = read_to_close(&mut tcp).await;
     String::from_utf8_lossy(&read).into_owned()
 }
 

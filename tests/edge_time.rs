@@ -27,20 +27,8 @@ const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi
 
 /// Reads from `tcp` until the server closes it, bounded by `WAIT`; what was read.
 async fn read_to_close(tcp: &mut TcpStream) -> Option<String> {
-    let mut read = Vec::new();
-    let closed = tokio::time::timeout(WAIT, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => read.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    closed
-        .is_ok()
-        .then(|| String::from_utf8_lossy(&read).into_owned())
+    let (read, closed) = support::raw::read_to_close(tcp).await;
+    closed.then(|| String::from_utf8_lossy(&read).into_owned())
 }
 
 fn chat_request(proxy: &Proxy, token: Option<&str>) -> http::Request<Full<Bytes>> {

@@ -51,19 +51,9 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawReply {
 
 /// Reads until the server closes the connection (bounded by [`WAIT`]).
 async fn read_until_closed(mut tcp: TcpStream) -> RawReply {
-    let mut read = Vec::new();
-    let outcome = tokio::time::timeout(WAIT, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => read.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(outcome.is_ok(), "the server kept the connection open");
-    RawReply { bytes: read }
+    let (bytes, closed) = support::raw::read_to_close(&mut tcp).await;
+    assert!(closed, "the server kept the connection open");
+    RawReply { bytes }
 }
 
 /// Writes `bytes` on a fresh connection to `addr` in a task of its own, for tests that move

@@ -6,6 +6,7 @@
 //! - [`time`]: paused time over loopback sockets.
 //! - [`observe`]: metric scrapes and captured logs.
 //! - [`config_file`]: a config file on disk, for reloads and signals.
+//! - [`raw`]: raw TCP, for tests below HTTP.
 #![allow(dead_code, unused_imports)]
 
 pub mod config_file;
@@ -14,6 +15,7 @@ pub mod keys;
 pub use kcp_mock as mock_upstream;
 pub mod observe;
 pub mod proxy_harness;
+pub mod raw;
 pub mod time;
 
 pub use keys::{KEY_A, KEY_B, KEY_C, one_key, routed_keys, three_keys, two_keys};
