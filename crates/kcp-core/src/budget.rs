@@ -22,8 +22,13 @@
 //! AIMD as in TCP congestion control: a 429 halves it, every success adds back a little, up to
 //! the learned limit; and a 429 stops the trust in the reported budget for a while
 //! (`DISTRUST_AFTER_429`), so a budget model the provider contradicts is not spent again.
+//!
+//! Replicas of one pool ([`crate::KeyPool::set_replica_share`]) spend the same provider
+//! budget: with `n` live replicas each one claims `1/n` of the reported level and of its
+//! refill ([`Gauge::set_share`]), so together they stay within it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::time::Time;
@@ -54,6 +59,8 @@ pub struct Gauge {
     /// flight. Two counters rather than one in-flight count keep `spend` to one
     /// read-modify-write.
     settled: AtomicU64,
+    /// How many replicas spend this budget; this one may claim `1/share` of it.
+    share: AtomicU32,
 }
 
 impl Gauge {
@@ -68,7 +75,18 @@ impl Gauge {
             covered: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             settled: AtomicU64::new(0),
+            share: AtomicU32::new(1),
         }
+    }
+
+    /// Spends only `1/replicas` of the budget from now on: the others spend the rest.
+    pub fn set_share(&self, replicas: NonZeroU32) {
+        self.share.store(replicas.get(), Ordering::Relaxed);
+    }
+
+    /// How many replicas spend this budget (1 alone).
+    pub fn share(&self) -> u32 {
+        self.share.load(Ordering::Relaxed).max(1)
     }
 
     /// A request needing `units` is sent: returns its mark in the send sequence, to be
@@ -190,21 +208,24 @@ impl Gauge {
 
     /// The earliest instant from `now` at which the budget covers what was sent since the
     /// newest report plus `need`. A need larger than the whole bucket waits for a full
-    /// bucket, never forever.
+    /// bucket, never forever. Shared by `n` replicas, this one's part of the level and of
+    /// the refill is `1/n`: it waits until the level covers `n` times its own needs.
     pub fn free_at(&self, now: Time, need: u64) -> Time {
         let Some(remaining) = self.reported() else {
             return now;
         };
-        let reserved = self.reserved();
+        let share = f64::from(self.share());
+        let reserved = self.reserved() as f64 * share;
+        let need = need as f64 * share;
         let Some(limit) = self.limit() else {
-            return if reserved.saturating_add(need) as f64 <= remaining || self.reset_passed(now) {
+            return if reserved + need <= remaining || self.reset_passed(now) {
                 now
             } else {
                 self.reset_at().unwrap_or(now).max(now)
             };
         };
         let full = f64::from_bits(self.full.load(Ordering::Relaxed));
-        let target = reserved as f64 + (need as f64).min(full);
+        let target = reserved + need.min(full);
         let level = self.level(remaining, limit, now);
         if level >= target {
             return now;

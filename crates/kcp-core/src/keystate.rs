@@ -213,12 +213,13 @@ impl KeyState {
         self.policy.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets the pace limiter from the learned request limit and the AIMD factor.
+    /// Sets the pace limiter from the learned request limit, the AIMD factor and this
+    /// replica's share of the key.
     pub(crate) fn repace(&self, pace: &Pace) {
         let Some(rpm) = self.requests.limit() else {
             return;
         };
-        let rate = pace.rate_per_sec(rpm);
+        let rate = pace.rate_per_sec(rpm) / f64::from(self.requests.share());
         let burst = (rate * PACE_BURST.as_secs_f64()).floor().max(1.0) as u32;
         self.pace
             .set_rate(rate, NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
@@ -501,8 +502,10 @@ impl KeyState {
                     .report(Some(u64::from(tpm)), None, None, Time::ZERO, 0);
             }
         }
-        // A key's own rpm is more specific than the pool-wide per_key_rps.
-        let rps = spec.rpm.map(|r| f64::from(r) / 60.0).or(local_rps);
+        // A key's own rpm is more specific than the pool-wide per_key_rps, and spent by
+        // every replica: this one takes its share of it.
+        let share = f64::from(self.requests.share());
+        let rps = spec.rpm.map(|r| f64::from(r) / 60.0 / share).or(local_rps);
         match rps {
             Some(rps) => self.local.set_rate(rps, burst),
             None => self.local.set_rate(f64::INFINITY, burst),

@@ -12,7 +12,14 @@
 //! operator. What is not shared: health, latency, circuits (they are about this replica's
 //! path to the provider), counters and in-flight figures. Transport and encoding are the
 //! embedding service's business; times here are this process's [`Time`].
+//!
+//! The keys' budgets are shared by splitting them: with `n` live replicas (the embedding
+//! service counts them, e.g. by heartbeats) each one paces a key at `1/n` of its rate and
+//! claims `1/n` of what the provider reports left ([`KeyPool::set_replica_share`]). That
+//! keeps selection local and lock-free; the price is that a replica receiving more than
+//! `1/n` of the traffic waits for its own share while another's goes unused.
 
+use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 
 use crate::key::KeyId;
@@ -66,6 +73,26 @@ pub enum SharedState {
 }
 
 impl KeyPool {
+    /// `replicas` live replicas (this one included) spend these keys from now on: each key
+    /// is paced at `1/replicas` of its rate (learned or configured) and this replica claims
+    /// `1/replicas` of what the provider reports left. Background work: it takes each key's
+    /// lock briefly; selection reads the result from atomics. Kept across reloads.
+    pub fn set_replica_share(&self, replicas: NonZeroU32) {
+        if self.replicas.swap(replicas.get(), Ordering::AcqRel) == replicas.get() {
+            return;
+        }
+        for key in self.keys() {
+            key.state.share(replicas);
+            key.state
+                .configure(&key.spec, self.config().per_key_rps, self.config().burst);
+        }
+    }
+
+    /// How many replicas this one shares the keys with, itself included (1 alone).
+    pub fn replica_share(&self) -> NonZeroU32 {
+        NonZeroU32::new(self.replicas.load(Ordering::Acquire)).unwrap_or(NonZeroU32::MIN)
+    }
+
     fn key_by_id(&self, id: &KeyId) -> Option<&PoolKey> {
         self.keys().iter().map(AsRef::as_ref).find(|k| &k.id == id)
     }
@@ -142,6 +169,13 @@ impl KeyPool {
 }
 
 impl KeyState {
+    /// This replica spends `1/replicas` of the key's budget (call `configure` after, for
+    /// the pace).
+    pub(crate) fn share(&self, replicas: NonZeroU32) {
+        self.requests.set_share(replicas);
+        self.tokens.set_share(replicas);
+    }
+
     /// Merges a remote change into this key's state, as a local event would.
     pub(crate) fn apply_remote(&self, change: &SharedState, now: Time) {
         match change {
@@ -234,6 +268,7 @@ impl crate::refusal::Refusals {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
     use std::time::Duration;
 
     use super::*;
@@ -490,5 +525,99 @@ mod tests {
             a.export(&id, &StateChange::ModelRefused { until: t }, None)
                 .is_empty()
         );
+    }
+
+    /// Leases taken from `pool` over one minute from `t`, asking every 100 ms and
+    /// answering each at once with `limits`.
+    fn admitted_in_a_minute(pool: &KeyPool, t: Time, limits: &RateLimitHeaders) -> usize {
+        let mut rng = SplitMix64::new(5);
+        let mut admitted = 0;
+        for step in 0..600 {
+            let now = t + Duration::from_millis(100 * step);
+            while let Ok(lease) = pool.select(&demand(&[]), now, &mut rng) {
+                admitted += 1;
+                lease.record(
+                    Outcome::Success {
+                        latency: Duration::from_millis(1),
+                        limits: *limits,
+                    },
+                    now,
+                );
+            }
+        }
+        admitted
+    }
+
+    fn configured(rpm: u32) -> KeyPool {
+        let spec = KeySpec::new(Secret::new("sk-a"), "http://upstream").with_rpm(rpm);
+        KeyPool::new(vec![spec], PoolConfig::default()).expect("valid pool")
+    }
+
+    #[test]
+    fn a_60_rpm_key_shared_by_three_replicas_admits_20_a_minute_on_each() {
+        let t = Time::from_secs(100);
+        let none = RateLimitHeaders::default();
+        assert_eq!(admitted_in_a_minute(&configured(60), t, &none), 60);
+        let shared = configured(60);
+        shared.set_replica_share(NonZeroU32::new(3).expect("3"));
+        assert_eq!(shared.replica_share().get(), 3);
+        assert_eq!(admitted_in_a_minute(&shared, t, &none), 20);
+        // Back to one replica: the whole rate again.
+        shared.set_replica_share(NonZeroU32::MIN);
+        let later = t + Duration::from_secs(60);
+        assert_eq!(admitted_in_a_minute(&shared, later, &none), 60);
+    }
+
+    #[test]
+    fn a_learned_limit_is_shared_too_and_the_share_survives_a_reload() {
+        let t = Time::from_secs(100);
+        let learned = RateLimitHeaders {
+            limit_requests: Some(60),
+            ..Default::default()
+        };
+        let a = pool(&["sk-a"]);
+        a.set_replica_share(NonZeroU32::new(3).expect("3"));
+        // The first answer teaches 60 a minute (that request went unpaced); from then on a
+        // third of it.
+        assert_eq!(admitted_in_a_minute(&a, t, &learned), 1 + 20);
+        let specs = a.specs().cloned().collect();
+        let reloaded = a.rebuild(specs, PoolConfig::default()).expect("valid");
+        assert_eq!(reloaded.replica_share().get(), 3);
+        let later = t + Duration::from_secs(60);
+        assert_eq!(admitted_in_a_minute(&reloaded, later, &learned), 20);
+    }
+
+    #[test]
+    fn each_replica_claims_its_share_of_what_the_provider_reports_left() {
+        // 600 a minute, 30 left, full again in 1 s: alone, 30 go at once; one of three
+        // replicas takes 10 of them.
+        let t = Time::from_secs(100);
+        let report = RateLimitHeaders {
+            limit_requests: Some(600),
+            remaining_requests: Some(30),
+            reset_requests: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let at_once = |replicas: u32| {
+            let p = pool(&["sk-a"]);
+            p.set_replica_share(NonZeroU32::new(replicas).expect("not 0"));
+            let mut rng = SplitMix64::new(9);
+            let first = p.select(&demand(&[]), t, &mut rng).expect("free");
+            first.record(
+                Outcome::Success {
+                    latency: Duration::from_millis(1),
+                    limits: report,
+                },
+                t,
+            );
+            let mut held = Vec::new();
+            while let Ok(lease) = p.select(&demand(&[]), t, &mut rng) {
+                held.push(lease);
+                assert!(held.len() <= 30, "bounded by the report");
+            }
+            held.len()
+        };
+        assert_eq!(at_once(1), 30);
+        assert_eq!(at_once(3), 10);
     }
 }

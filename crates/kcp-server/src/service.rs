@@ -115,6 +115,8 @@ struct Health {
 struct ClusterHealth {
     replica: String,
     redis_connected: bool,
+    /// Live replicas counted (this one included); each paces a key at its share.
+    replicas: i64,
 }
 
 /// `GET /health`: 200 with the key counts by state.
@@ -127,6 +129,7 @@ pub(crate) fn health(app: &App) -> Response<ProxyBody> {
             cluster: app.cluster.as_ref().map(|c| ClusterHealth {
                 replica: c.replica().to_owned(),
                 redis_connected: c.is_connected(),
+                replicas: c.replicas(),
             }),
         },
     )

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
 use std::num::NonZeroU32;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 
 use crate::gcra::Gcra;
@@ -117,6 +117,8 @@ pub struct KeyPool {
     /// Where rotations over the keys start (round robin, and the fair queue's windows).
     cursor: AtomicUsize,
     fair: FairQueue,
+    /// Live replicas spending these keys (see [`KeyPool::set_replica_share`]).
+    pub(crate) replicas: AtomicU32,
 }
 
 impl KeyPool {
@@ -156,6 +158,7 @@ impl KeyPool {
             .unwrap_or_default();
         let vtime = previous.map_or(0, |p| p.fair.vtime_bits());
         let groups = Arc::new(Groups::default());
+        let replicas = previous.map_or(NonZeroU32::MIN, KeyPool::replica_share);
         let mut keys = Vec::with_capacity(unique.len());
         let mut tags = Vec::with_capacity(unique.len());
         for (index, spec) in unique.into_iter().enumerate() {
@@ -169,6 +172,7 @@ impl KeyPool {
                 .zip(previous)
                 .map_or(vtime, |(k, p)| p.fair.tag_bits(k.index));
             tags.push(tag);
+            state.share(replicas);
             state.configure(&spec, config.per_key_rps, config.burst);
             let index = index as KeyIndex;
             let group = OnceLock::new();
@@ -206,6 +210,7 @@ impl KeyPool {
             groups,
             cursor: AtomicUsize::new(0),
             fair: FairQueue::new(tags, vtime, max_weight, max_rpm),
+            replicas: AtomicU32::new(replicas.get()),
         })
     }
 

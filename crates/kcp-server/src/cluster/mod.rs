@@ -12,20 +12,27 @@
 //! once at warn (and once at info when Redis is back), shows it on `kcp_cluster_connected`
 //! and `/health`, keeps the newest changes it could not send (up to [`PENDING`]) and sends
 //! them when Redis is back.
+//!
+//! Budgets are shared by splitting: the task keeps a heartbeat in Redis ([`heartbeat`]),
+//! counts the live replicas and hands the count to the pool, which paces each key at its
+//! share. While Redis is down the last count stays in force: the other replicas are most
+//! likely still serving, so assuming this one is alone would overrun every key N-fold.
 
+mod heartbeat;
 mod settings;
 mod wire;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use kcp_core::{Changes, KeyId, KeyPool, RemoteChange};
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::mpsc;
 
+pub use heartbeat::{EVERY as HEARTBEAT_EVERY, Heartbeat, TTL as HEARTBEAT_TTL};
 pub use settings::ClusterSection;
 pub use wire::{Message, WireState};
 
@@ -61,9 +68,12 @@ pub struct Cluster {
     outbox: mpsc::Sender<RemoteChange>,
     inbox: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
     connected: AtomicBool,
+    heartbeat: Heartbeat,
     gauge: IntGauge,
+    replicas: IntGauge,
     dropped: IntCounter,
     applied: IntCounter,
+    delay: Histogram,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -101,26 +111,50 @@ impl Cluster {
             "kcp_cluster_applied_changes_total",
             "Key state changes received from other replicas and applied.",
         )?;
+        let replicas = IntGauge::new(
+            "kcp_cluster_replicas",
+            "Live replicas sharing the keys (this one included): each paces a key at 1/n of its rate.",
+        )?;
+        replicas.set(1);
+        let delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "kcp_cluster_apply_delay_seconds",
+                "From another replica publishing a key change to this one applying it (wall clocks).",
+            )
+            .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )?;
         registry.register(Box::new(gauge.clone()))?;
+        registry.register(Box::new(replicas.clone()))?;
+        registry.register(Box::new(delay.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
         registry.register(Box::new(applied.clone()))?;
         let (outbox, inbox) = mpsc::channel(CHANNEL);
+        let replica = section.replica();
         Ok(Cluster {
-            replica: section.replica(),
+            heartbeat: Heartbeat::new(&section.namespace, &replica),
+            replica,
             channel: format!("{}:changes", section.namespace),
             client,
             outbox,
             inbox: Mutex::new(Some(inbox)),
             connected: AtomicBool::new(false),
             gauge,
+            replicas,
             dropped,
             applied,
+            delay,
         })
     }
 
     /// This replica's id.
     pub fn replica(&self) -> &str {
         &self.replica
+    }
+
+    /// The live replica count in force (this one included); the last one counted while
+    /// Redis is unreachable.
+    pub fn replicas(&self) -> i64 {
+        self.replicas.get()
     }
 
     /// Whether Redis is reachable now.
@@ -249,8 +283,15 @@ async fn serve(
         }
     }
     let mut messages = pubsub.into_on_message();
+    let mut beat = tokio::time::interval(heartbeat::EVERY);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = beat.tick() => {
+                if !count_replicas(app, cluster, publisher).await {
+                    return Ended::Lost;
+                }
+            }
             message = messages.next() => match message {
                 Some(message) => receive(app, cluster, &message),
                 None => return Ended::Lost,
@@ -262,10 +303,41 @@ async fn serve(
                         return Ended::Lost;
                     }
                 }
-                None => return Ended::Shutdown,
+                None => {
+                    // Best effort: out of the count now rather than at the heartbeat's TTL.
+                    let stop = cluster.heartbeat.stop(publisher);
+                    let _ = tokio::time::timeout(REDIS_TIMEOUT, stop).await;
+                    return Ended::Shutdown;
+                }
             },
         }
     }
+}
+
+/// Refreshes the heartbeat and gives the pool this replica's share of the keys; `false`
+/// when Redis did not answer (the last count stays in force).
+async fn count_replicas(
+    app: &App,
+    cluster: &Cluster,
+    publisher: &mut redis::aio::MultiplexedConnection,
+) -> bool {
+    let beat = cluster.heartbeat.beat(publisher);
+    let Ok(Ok(live)) = tokio::time::timeout(REDIS_TIMEOUT, beat).await else {
+        return false;
+    };
+    if i64::from(live.get()) != cluster.replicas.get() {
+        tracing::info!(replica = %cluster.replica, replicas = live.get(), "cluster: live replicas changed, each key paced at its share");
+    }
+    cluster.replicas.set(i64::from(live.get()));
+    app.pool().set_replica_share(live);
+    true
+}
+
+/// Milliseconds since the Unix epoch by the wall clock (0 before it).
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Keeps a change for later, dropping the oldest when full.
@@ -281,9 +353,10 @@ async fn publish(
     publisher: &mut redis::aio::MultiplexedConnection,
     change: &RemoteChange,
 ) -> bool {
-    let Some(message) = Message::encode(&cluster.replica, change, clock::now()) else {
+    let Some(mut message) = Message::encode(&cluster.replica, change, clock::now()) else {
         return true;
     };
+    message.sent_ms = Some(wall_ms());
     let Ok(text) = serde_json::to_string(&message) else {
         return true;
     };
@@ -304,12 +377,18 @@ fn receive(app: &App, cluster: &Cluster, message: &redis::Msg) {
     if message.from == cluster.replica {
         return;
     }
+    let sent_ms = message.sent_ms;
     let now = clock::now();
     let Some(change) = message.decode(now) else {
         return;
     };
     if app.pool().apply_remote(&change, now) {
         cluster.applied.inc();
+        if let Some(sent) = sent_ms {
+            // Wall clocks of two hosts may disagree: a negative delay counts as none.
+            let delay = Duration::from_millis(wall_ms().saturating_sub(sent));
+            cluster.delay.observe(delay.as_secs_f64());
+        }
         tracing::debug!(key = %change.key, "cluster: applied another replica's key change");
     }
 }

@@ -16,6 +16,10 @@ pub struct Message {
     pub from: String,
     /// The key's fingerprint.
     pub key: String,
+    /// When it was sent, in milliseconds since the Unix epoch by the sender's wall clock
+    /// (for `kcp_cluster_apply_delay_seconds` only; times in the change are relative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ms: Option<u64>,
     /// What changed.
     #[serde(flatten)]
     pub state: WireState,
@@ -96,6 +100,7 @@ impl Message {
         Some(Message {
             from: from.into(),
             key: change.key.clone(),
+            sent_ms: None,
             state,
         })
     }
@@ -177,6 +182,7 @@ mod tests {
         let unknown = Message {
             from: "a".into(),
             key: "key-1".into(),
+            sent_ms: None,
             state: WireState::Disabled {
                 reason: "gone".into(),
                 recheck_ms: None,
