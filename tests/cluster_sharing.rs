@@ -7,128 +7,22 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use http::StatusCode;
-use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
-use key_cycle_proxy::server::cluster::ClusterSection;
-use support::proxy_harness::{Proxy, WAIT, start_proxy};
+use key_cycle_proxy::core::{DisableReason, KeyStatus};
+use support::cluster::{Redis, connected, join, until};
+use support::proxy_harness::{Proxy, start_proxy};
 use support::{Behaviour, KEY_A, KEY_B, MockUpstream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A `redis-server` of this test alone: loopback, no persistence, killed on drop.
-struct Redis {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let dir = std::env::temp_dir().join(format!("kcp-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut redis = Redis {
-            port,
-            dir,
-            child: None,
-        };
-        redis.restart().await;
-        redis
-    }
-
-    /// Starts the server (again) on its port and waits until it answers PING.
-    async fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (Debian package redis-server; .ci/run installs it)");
-        self.child = Some(child);
-        let port = self.port;
-        let ready = async move {
-            loop {
-                if let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    let mut answer = [0u8; 7];
-                    if tcp.write_all(b"PING\r\n").await.is_ok()
-                        && tcp.read_exact(&mut answer).await.is_ok()
-                        && &answer == b"+PONG\r\n"
-                    {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(WAIT, ready)
-            .await
-            .expect("redis-server answers PING");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A replica named `replica` with keys A and B on `mock`, sharing through `redis`.
 async fn replica(mock: &MockUpstream, redis: &Redis, replica: &str) -> Proxy {
-    let url = redis.url();
-    let namespace = format!("kcp-test-{}", redis.port);
-    let replica = replica.to_owned();
     start_proxy(
         vec![
             (KEY_A, mock.url(), vec!["others"]),
             (KEY_B, mock.url(), vec!["others"]),
         ],
-        move |config| {
-            config.cluster = Some(ClusterSection {
-                redis_url: Secret::new(url),
-                namespace,
-                replica_id: Some(replica),
-                ..ClusterSection::default()
-            });
-        },
+        |config| join(config, redis, replica),
     )
     .await
-}
-
-/// Polls `check` every 10 ms until it holds; fails the test after [`WAIT`].
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let polled = async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    if tokio::time::timeout(WAIT, polled).await.is_err() {
-        panic!("timed out waiting until {what}");
-    }
-}
-
-fn connected(proxy: &Proxy) -> bool {
-    proxy.app.cluster.as_ref().is_some_and(|c| c.is_connected())
 }
 
 /// Two connected replicas on one mock and one Redis.

@@ -7,12 +7,14 @@
 //! - [`observe`]: metric scrapes and captured logs.
 //! - [`config_file`]: a config file on disk, for reloads and signals.
 //! - [`raw`]: raw TCP, for tests below HTTP.
+//! - [`cluster`]: a real `redis-server` on a free loopback port and replicas sharing it.
 #![allow(dead_code, unused_imports)]
 
 pub mod config_file;
 pub mod keys;
 /// The mock upstream lives in its own crate so `kcp-server demo` runs the very same code.
 pub use kcp_mock as mock_upstream;
+pub mod cluster;
 pub mod observe;
 pub mod proxy_harness;
 pub mod raw;

@@ -405,9 +405,13 @@ impl KeyState {
     }
 
     /// Whether what the provider last reported left of the key's requests may be spent at
-    /// once, beyond the pace: there is a report, and no 429 showed it wrong lately.
+    /// once, beyond the pace: there is a report, no 429 showed it wrong lately, and no
+    /// other replica spends the key (their spending since the report is unknown here, so
+    /// the report is only a ceiling and the shared pace is what keeps them within it).
     pub(crate) fn trusts_budget(&self, now: Time) -> bool {
-        self.requests.has_report() && now.as_nanos() >= self.distrust_until.load(Ordering::Acquire)
+        self.requests.has_report()
+            && self.requests.share() == 1
+            && now.as_nanos() >= self.distrust_until.load(Ordering::Acquire)
     }
 
     /// Starts the re-check of a key disabled for its quota or bill, made by a real request:

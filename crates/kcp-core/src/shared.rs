@@ -14,8 +14,9 @@
 //! embedding service's business; times here are this process's [`Time`].
 //!
 //! The keys' budgets are shared by splitting them: with `n` live replicas (the embedding
-//! service counts them, e.g. by heartbeats) each one paces a key at `1/n` of its rate and
-//! claims `1/n` of what the provider reports left ([`KeyPool::set_replica_share`]). That
+//! service counts them, e.g. by heartbeats) each one paces a key at `1/n` of its rate, and
+//! what the provider reports left is only a ceiling of which it claims `1/n`, never spent
+//! at once beyond the pace ([`KeyPool::set_replica_share`]). That
 //! keeps selection local and lock-free; the price is that a replica receiving more than
 //! `1/n` of the traffic waits for its own share while another's goes unused.
 
@@ -74,8 +75,9 @@ pub enum SharedState {
 
 impl KeyPool {
     /// `replicas` live replicas (this one included) spend these keys from now on: each key
-    /// is paced at `1/replicas` of its rate (learned or configured) and this replica claims
-    /// `1/replicas` of what the provider reports left. Background work: it takes each key's
+    /// is paced at `1/replicas` of its rate (learned or configured), and what the provider
+    /// reports left is a ceiling of which this replica claims `1/replicas` (with more than
+    /// one replica it is not spent beyond the pace). Background work: it takes each key's
     /// lock briefly; selection reads the result from atomics. Kept across reloads.
     pub fn set_replica_share(&self, replicas: NonZeroU32) {
         if self.replicas.swap(replicas.get(), Ordering::AcqRel) == replicas.get() {
@@ -588,21 +590,21 @@ mod tests {
     }
 
     #[test]
-    fn each_replica_claims_its_share_of_what_the_provider_reports_left() {
-        // 600 a minute, 30 left, full again in 1 s: alone, 30 go at once; one of three
-        // replicas takes 10 of them.
+    fn shared_keys_go_at_their_paced_share_and_what_is_reported_left_is_only_a_ceiling() {
+        // 600 a minute (10 a second): right after an answer reporting `left`, how many
+        // requests this replica sends at once.
         let t = Time::from_secs(100);
-        let report = RateLimitHeaders {
-            limit_requests: Some(600),
-            remaining_requests: Some(30),
-            reset_requests: Some(Duration::from_secs(1)),
-            ..Default::default()
-        };
-        let at_once = |replicas: u32| {
+        let at_once = |replicas: u32, left: u64| {
             let p = pool(&["sk-a"]);
             p.set_replica_share(NonZeroU32::new(replicas).expect("not 0"));
             let mut rng = SplitMix64::new(9);
             let first = p.select(&demand(&[]), t, &mut rng).expect("free");
+            let report = RateLimitHeaders {
+                limit_requests: Some(600),
+                remaining_requests: Some(left),
+                reset_requests: Some(Duration::from_secs(1)),
+                ..Default::default()
+            };
             first.record(
                 Outcome::Success {
                     latency: Duration::from_millis(1),
@@ -617,7 +619,12 @@ mod tests {
             }
             held.len()
         };
-        assert_eq!(at_once(1), 30);
-        assert_eq!(at_once(3), 10);
+        // Alone, what the provider reports left may all go at once.
+        assert_eq!(at_once(1, 30), 30);
+        // One of three replicas: the others spend the key too, so only its pace's burst
+        // (a third of 10 a second, for one second) ...
+        assert_eq!(at_once(3, 30), 3);
+        // ... and never more than its third of what is reported left.
+        assert_eq!(at_once(3, 6), 2);
     }
 }
