@@ -131,3 +131,23 @@ async fn with_redis_killed_requests_still_succeed_and_sharing_resumes_after_a_re
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_replica_that_starts_later_learns_what_the_others_know() {
+    let redis = Redis::start().await;
+    let mock = MockUpstream::start().await;
+    let a = replica(&mock, &redis, "a").await;
+    until("a reaches redis", || connected(&a)).await;
+    mock.set(KEY_A, Behaviour::rate_limited_secs(30));
+    hit_key_a_once(&mock, &a).await;
+    // b was not listening when a shared the rest: it asks when it joins.
+    let b = replica(&mock, &redis, "b").await;
+    until("b learns that key A rests", || {
+        b.key_status(KEY_A).0 == KeyStatus::Cooling
+    })
+    .await;
+    for _ in 0..4 {
+        assert_eq!(b.chat("gpt-4o").await.status, StatusCode::OK);
+    }
+    assert_eq!(mock.calls_for(KEY_A), 1, "b never calls the resting key");
+}

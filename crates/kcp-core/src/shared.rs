@@ -158,6 +158,45 @@ impl KeyPool {
         out
     }
 
+    /// Everything shareable this replica knows at `now`, as the changes that would bring
+    /// another replica to it: each key's rest, disable (not an operator's: that stays on
+    /// the replica it was made on), refused scopes and learned limits. A replica that
+    /// (re)joins asks for this, since pub/sub does not replay what it missed.
+    pub fn export_all(&self, now: Time) -> Vec<RemoteChange> {
+        let mut out = Vec::new();
+        for key in self.keys() {
+            let fingerprint = key.spec.secret.fingerprint();
+            let state = &key.state;
+            let mut push = |state| {
+                out.push(RemoteChange {
+                    key: fingerprint.clone(),
+                    state,
+                })
+            };
+            let (requests, tokens) = (state.requests.limit(), state.tokens.limit());
+            if requests.is_some() || tokens.is_some() {
+                push(SharedState::Limits { requests, tokens });
+            }
+            let (until, disabled) = {
+                let policy = state.policy();
+                (policy.cooldown.until(), policy.disabled)
+            };
+            if until > now {
+                push(SharedState::Cooling { until });
+            }
+            if let Some(d) = disabled.filter(|d| d.reason != DisableReason::Manual) {
+                push(SharedState::Disabled {
+                    reason: d.reason,
+                    recheck_at: d.probe_at,
+                });
+            }
+            for (scope, until) in state.refusals.active(now) {
+                push(SharedState::ModelRefused { scope, until });
+            }
+        }
+        out
+    }
+
     /// Applies another replica's change at `now`; returns whether the pool has the key.
     pub fn apply_remote(&self, change: &RemoteChange, now: Time) -> bool {
         match self.key_by_fingerprint(&change.key) {
@@ -626,5 +665,60 @@ mod tests {
         assert_eq!(at_once(3, 30), 3);
         // ... and never more than its third of what is reported left.
         assert_eq!(at_once(3, 6), 2);
+    }
+
+    #[test]
+    fn a_replica_that_joins_late_catches_up_from_the_others_whole_state() {
+        let t = Time::from_secs(100);
+        let a = pool(&["sk-a", "sk-b", "sk-c"]);
+        let limits = RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(20)),
+            limit_requests: Some(600),
+            ..Default::default()
+        };
+        record_on(&a, "sk-a", Outcome::RateLimited { limits }, t);
+        record_on(
+            &a,
+            "sk-b",
+            Outcome::KeyRejected {
+                reason: DisableReason::QuotaExhausted,
+            },
+            t,
+        );
+        let mut rng = SplitMix64::new(2);
+        let mut excluded = Vec::new();
+        loop {
+            let lease = a
+                .select(&demand(&excluded), t, &mut rng)
+                .expect("sk-c is free");
+            if lease.spec().secret.fingerprint() == Secret::new("sk-c").fingerprint() {
+                lease.refuse("gpt-4o", t);
+                break;
+            }
+            excluded.push(lease.index());
+        }
+        let later = t + Duration::from_secs(5);
+        let b = pool(&["sk-c", "sk-b", "sk-a"]);
+        for change in a.export_all(later) {
+            assert!(b.apply_remote(&change, later));
+        }
+        let a_key = status_of(&b, "sk-a", later);
+        assert_eq!(a_key.status, KeyStatus::Cooling);
+        assert_eq!(a_key.blocked_secs, Some(15.0));
+        assert_eq!(a_key.limits.limit_requests, Some(600));
+        let b_key = status_of(&b, "sk-b", later);
+        assert_eq!(b_key.disabled_reason, Some(DisableReason::QuotaExhausted));
+        // Nothing else serves gpt-4o on b now: sk-c refuses it, the others are out.
+        assert!(b.select(&demand(&[]), later, &mut rng).is_err());
+        // An operator's disable is not exported.
+        let id = a.keys()[2].id.clone();
+        a.set_disabled(id.as_str(), true, later);
+        assert!(a.export_all(later).iter().all(|c| !matches!(
+            c.state,
+            SharedState::Disabled {
+                reason: DisableReason::Manual,
+                ..
+            }
+        )));
     }
 }

@@ -282,6 +282,11 @@ async fn serve(
             return Ended::Lost;
         }
     }
+    // Pub/sub does not replay: whatever the others learned while this replica was away
+    // (or before it started) comes back as their answers to this hello.
+    if !send(cluster, publisher, Message::hello(&cluster.replica)).await {
+        return Ended::Lost;
+    }
     let mut messages = pubsub.into_on_message();
     let mut beat = tokio::time::interval(heartbeat::EVERY);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -353,9 +358,18 @@ async fn publish(
     publisher: &mut redis::aio::MultiplexedConnection,
     change: &RemoteChange,
 ) -> bool {
-    let Some(mut message) = Message::encode(&cluster.replica, change, clock::now()) else {
-        return true;
-    };
+    match Message::encode(&cluster.replica, change, clock::now()) {
+        Some(message) => send(cluster, publisher, message).await,
+        None => true,
+    }
+}
+
+/// Publishes `message`, stamped with the wall clock; `false` when Redis did not take it.
+async fn send(
+    cluster: &Cluster,
+    publisher: &mut redis::aio::MultiplexedConnection,
+    mut message: Message,
+) -> bool {
     message.sent_ms = Some(wall_ms());
     let Ok(text) = serde_json::to_string(&message) else {
         return true;
@@ -375,6 +389,15 @@ fn receive(app: &App, cluster: &Cluster, message: &redis::Msg) {
         return;
     };
     if message.from == cluster.replica {
+        return;
+    }
+    if message.state == WireState::Hello {
+        // Answered through the outbox like any change: never waits here.
+        for change in app.pool().export_all(clock::now()) {
+            if cluster.outbox.try_send(change).is_err() {
+                cluster.dropped.inc();
+            }
+        }
         return;
     }
     let sent_ms = message.sent_ms;

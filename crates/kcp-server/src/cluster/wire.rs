@@ -57,6 +57,9 @@ pub enum WireState {
         /// Tokens per minute.
         tokens: Option<u64>,
     },
+    /// The sender (re)joined and missed what was said meanwhile: the others answer with
+    /// everything they know (`key` is empty).
+    Hello,
 }
 
 fn left(until: Time, now: Time) -> u64 {
@@ -76,6 +79,16 @@ fn reason_of(label: &str) -> Option<DisableReason> {
 }
 
 impl Message {
+    /// `from` (re)joined: asks the others for their state.
+    pub fn hello(from: &str) -> Message {
+        Message {
+            from: from.into(),
+            key: String::new(),
+            sent_ms: None,
+            state: WireState::Hello,
+        }
+    }
+
     /// The message for `change`, sent by `from` at `now`; `None` when it is over already.
     pub fn encode(from: &str, change: &RemoteChange, now: Time) -> Option<Message> {
         let state = match &change.state {
@@ -121,6 +134,7 @@ impl Message {
                 until: at(rest_ms),
             },
             WireState::Limits { requests, tokens } => SharedState::Limits { requests, tokens },
+            WireState::Hello => return None,
         };
         Some(RemoteChange {
             key: self.key,
@@ -189,5 +203,15 @@ mod tests {
             },
         };
         assert_eq!(unknown.decode(now), None);
+    }
+
+    #[test]
+    fn a_hello_carries_no_change() {
+        let hello = Message::hello("b");
+        let text = serde_json::to_string(&hello).expect("serializes");
+        assert_eq!(text, r#"{"from":"b","key":"","kind":"hello"}"#);
+        let back: Message = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back.state, WireState::Hello);
+        assert_eq!(back.decode(Time::from_secs(1)), None);
     }
 }
