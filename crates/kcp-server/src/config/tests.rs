@@ -1372,3 +1372,68 @@ fn azure_settings_are_checked() {
         Ok(())
     });
 }
+
+#[test]
+fn cluster_section_rejects_unknown_fields_and_bad_values() {
+    jail(|jail| {
+        let problems = toml_problems(
+            jail,
+            "[cluster]\nredis_uri = \"redis://127.0.0.1:6379\"\nnamespace = \"kcp\"\n",
+        )?;
+        assert_problem(
+            &problems,
+            &[
+                "config.toml",
+                "unknown field `redis_uri` in [cluster]",
+                "rename it to `redis_url`",
+            ],
+        );
+        let problems = toml_problems(
+            jail,
+            "[cluster]\nredis_url = \"http://127.0.0.1:6379\"\nnamespace = \"\"\nredis_password_env = \"TEST_CLUSTER_UNSET_PASSWORD\"\n",
+        )?;
+        assert_problem(&problems, &["[cluster] redis_url", "redis://"]);
+        assert_problem(&problems, &["[cluster] namespace", "non-empty word"]);
+        assert_problem(
+            &problems,
+            &[
+                "[cluster] redis_password_env",
+                "TEST_CLUSTER_UNSET_PASSWORD",
+            ],
+        );
+        for line in &problems {
+            assert!(!line.contains("http://127.0.0.1"), "url shown: {line}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn cluster_redis_url_and_password_are_redacted_in_check_config_and_debug() {
+    jail(|jail| {
+        jail.create_file(
+            "config.toml",
+            r#"
+            [cluster]
+            redis_url = "redis://:cluster-pass-raw@redis.internal:6379/0"
+            redis_password_env = "TEST_CLUSTER_REDIS_PASSWORD"
+            namespace = "kcp-prod"
+            replica_id = "kcp-1"
+            "#,
+        )?;
+        jail.set_env("OPENAI_KEYS", "sk-env");
+        jail.set_env("TEST_CLUSTER_REDIS_PASSWORD", "env-pass-raw");
+        let loaded = loaded(&Cli::default())?;
+        let cluster = loaded.config.cluster.as_ref().expect("[cluster] loaded");
+        assert_eq!(cluster.namespace, "kcp-prod");
+        assert_eq!(cluster.replica(), "kcp-1");
+        let rendered = render_effective(&loaded);
+        assert!(rendered.contains("kcp-prod"), "{rendered}");
+        let debug = format!("{loaded:?} {cluster:?}");
+        for raw in ["cluster-pass-raw", "env-pass-raw", "redis.internal"] {
+            assert!(!rendered.contains(raw), "{raw} leaked:\n{rendered}");
+            assert!(!debug.contains(raw), "Debug leaked {raw}: {debug}");
+        }
+        Ok(())
+    });
+}
