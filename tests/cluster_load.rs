@@ -115,6 +115,16 @@ async fn run(cluster: bool) -> Figures {
             .await
             .expect("limits learned");
     }
+    if cluster {
+        // Each replica paces every key at a third of its 10 a second.
+        for proxy in &proxies {
+            let now = key_cycle_proxy::server::clock::now();
+            for key in proxy.app.pool().snapshot(now) {
+                let pace = key.limits.pace_rps.expect("learned");
+                assert!((pace - 10.0 / 3.0).abs() < 1e-6, "{pace}");
+            }
+        }
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (calls_before, wasted_before) = (upstream_calls(&mock), mock.rate_limited());
 

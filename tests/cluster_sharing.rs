@@ -151,3 +151,39 @@ async fn a_replica_that_starts_later_learns_what_the_others_know() {
     }
     assert_eq!(mock.calls_for(KEY_A), 1, "b never calls the resting key");
 }
+
+#[tokio::test]
+async fn a_key_brought_back_by_a_re_check_on_one_replica_is_back_on_the_other() {
+    let (mock, _redis, a, b) = cluster().await;
+    mock.set(KEY_A, Behaviour::Unauthorized);
+    hit_key_a_once(&mock, &a).await;
+    until("replica b disables key A", || {
+        b.key_status(KEY_A).0 == KeyStatus::Disabled
+    })
+    .await;
+    // The key is valid again; a's background re-check (made due now) finds it so.
+    mock.set(KEY_A, Behaviour::Ok);
+    let name = a
+        .app
+        .pool()
+        .snapshot(key_cycle_proxy::server::clock::now())
+        .into_iter()
+        .find(|k| k.fingerprint == key_cycle_proxy::core::Secret::new(KEY_A).fingerprint())
+        .expect("key A")
+        .name;
+    assert_eq!(
+        a.app
+            .pool()
+            .recheck_now(&name, key_cycle_proxy::server::clock::now()),
+        Some(true)
+    );
+    until("replica a re-checked key A", || {
+        a.key_status(KEY_A).0 == KeyStatus::Available
+    })
+    .await;
+    until("replica b has key A back", || {
+        b.key_status(KEY_A).0 == KeyStatus::Available
+    })
+    .await;
+    assert_eq!(mock.calls_for(KEY_A), 2, "one 401, one re-check, both by a");
+}
