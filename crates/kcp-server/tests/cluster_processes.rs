@@ -1,0 +1,240 @@
+//! `[cluster]` with real `kcp-server` processes, as operators run replicas: two binaries with
+//! their own config files share one real `redis-server` and one mock upstream.
+//!
+//! - they count each other by heartbeat (`/health` says 2 replicas);
+//! - a key that answers 429 through replica a is not called through replica b;
+//! - replica b killed without a goodbye (SIGKILL): its heartbeat expires and a counts 1.
+//!
+//! The workspace's end-to-end tests (`tests/cluster_*.rs`) run replicas in-process; this one
+//! checks that the binary wires the same thing from a config file. It needs `redis-server`
+//! (Debian's package, `.ci/run` installs it) and FAILS without it. Every wait is bounded by
+//! [`BOUND`] of real time.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kcp_mock::{Behaviour, MockUpstream};
+
+const BOUND: Duration = Duration::from_secs(20);
+const KEY_A: &str = "sk-test-cluster-alpha-00000000001";
+const KEY_B: &str = "sk-test-cluster-bravo-00000000002";
+
+/// A directory of this test, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("kcp-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `redis-server` on a free loopback port, no persistence; returns it and its url.
+fn start_redis(dir: &Path) -> (Process, String) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (Debian package redis-server; .ci/run installs it)");
+    (Process(child), format!("redis://127.0.0.1:{port}"))
+}
+
+/// A `kcp-server` replica named `name`; returns it and its proxy address (from its log).
+fn start_replica(dir: &Path, name: &str, upstream: &str, redis: &str) -> (Process, SocketAddr) {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+bind_addr = "127.0.0.1:0"
+
+[observability]
+metrics_bind = "127.0.0.1:0"
+
+[cluster]
+redis_url = "{redis}"
+namespace = "kcp-processes"
+replica_id = "{name}"
+
+[[api_keys]]
+key = "{KEY_A}"
+url = "{upstream}"
+
+[[api_keys]]
+key = "{KEY_B}"
+url = "{upstream}"
+"#
+        ),
+    )
+    .expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kcp-server"))
+        .args(["--config", config.to_str().expect("UTF-8 path")])
+        .current_dir(dir)
+        .env_clear()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start kcp-server");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + BOUND;
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("kcp-server logs its address");
+        if line.contains("listening") {
+            let addr = line
+                .split(" addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .expect("addr= in the listening line");
+            break addr.parse().expect("a socket address");
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    thread::spawn(move || while lines.recv().is_ok() {});
+    (Process(child), addr)
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// `method path` on `addr` with `body`: the status and the body.
+async fn call(client: &HttpClient, addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let method = if body.is_empty() { "GET" } else { "POST" };
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("valid request");
+    let exchange = async {
+        let response = client.request(request).await.expect("an answer");
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.expect("a body");
+        (
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        )
+    };
+    tokio::time::timeout(BOUND, exchange)
+        .await
+        .expect("answered in time")
+}
+
+async fn chat(client: &HttpClient, addr: SocketAddr) -> u16 {
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    call(client, addr, "/v1/chat/completions", body).await.0
+}
+
+async fn health(client: &HttpClient, addr: SocketAddr) -> serde_json::Value {
+    let (status, body) = call(client, addr, "/health", "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON health")
+}
+
+/// Polls `/health` on `addr` every 50 ms until `check` holds; fails after [`BOUND`].
+async fn until_health(
+    client: &HttpClient,
+    addr: SocketAddr,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let polled = async {
+        loop {
+            if check(&health(client, addr).await) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(BOUND, polled).await.is_err() {
+        panic!(
+            "timed out waiting until {what}: {}",
+            health(client, addr).await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_share_a_rest_and_notice_a_replica_gone() {
+    let dir = TempDir::new("cluster-processes");
+    let (_redis, redis_url) = start_redis(&dir.0);
+    let mock = MockUpstream::start().await;
+    let (_a, a) = start_replica(&dir.0, "a", &mock.url(), &redis_url);
+    let (mut b_process, b) = start_replica(&dir.0, "b", &mock.url(), &redis_url);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let two = |h: &serde_json::Value| {
+        h["cluster"]["redis_connected"] == true && h["cluster"]["replicas"] == 2
+    };
+    until_health(&client, a, "a counts two replicas", two).await;
+    until_health(&client, b, "b counts two replicas", two).await;
+
+    mock.set(KEY_A, Behaviour::rate_limited_secs(30));
+    for _ in 0..8 {
+        assert_eq!(chat(&client, a).await, 200);
+        if mock.calls_for(KEY_A) == 1 {
+            break;
+        }
+    }
+    assert_eq!(mock.calls_for(KEY_A), 1, "a met key A's 429");
+    until_health(&client, b, "b sees key A resting", |h| {
+        h["keys"]["cooling"] == 1
+    })
+    .await;
+    let before_b = mock.calls_for(KEY_B);
+    for _ in 0..4 {
+        assert_eq!(chat(&client, b).await, 200);
+    }
+    assert_eq!(mock.calls_for(KEY_A), 1, "b never calls the resting key");
+    assert_eq!(mock.calls_for(KEY_B), before_b + 4);
+
+    // SIGKILL: no clean shutdown, so b's heartbeat stays until its TTL runs out.
+    b_process.0.kill().expect("kill replica b");
+    let _ = b_process.0.wait();
+    until_health(&client, a, "a counts itself alone", |h| {
+        h["cluster"]["replicas"] == 1
+    })
+    .await;
+}
