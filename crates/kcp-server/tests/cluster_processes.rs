@@ -1,8 +1,9 @@
-//! `[cluster]` with real `kcp-server` processes, as operators run replicas: two binaries with
+//! `[cluster]` with real `kcp-server` processes, as operators run replicas: three binaries with
 //! their own config files share one real `redis-server` and one mock upstream.
 //!
-//! - they count each other by heartbeat (`/health` says 2 replicas);
+//! - they count each other by heartbeat (`/health` says 3 replicas);
 //! - a key that answers 429 through replica a is not called through replica b;
+//! - replica c stopped by SIGTERM takes its heartbeat out of Redis before it exits;
 //! - replica b killed without a goodbye (SIGKILL): its heartbeat expires and a counts 1.
 //!
 //! The workspace's end-to-end tests (`tests/cluster_*.rs`) run replicas in-process; this one
@@ -198,18 +199,20 @@ async fn until_health(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_server_processes_share_a_rest_and_notice_a_replica_gone() {
+async fn server_processes_share_a_rest_leave_on_sigterm_and_expire_on_sigkill() {
     let dir = TempDir::new("cluster-processes");
     let (_redis, redis_url) = start_redis(&dir.0);
     let mock = MockUpstream::start().await;
     let (_a, a) = start_replica(&dir.0, "a", &mock.url(), &redis_url);
     let (mut b_process, b) = start_replica(&dir.0, "b", &mock.url(), &redis_url);
+    let (mut c_process, c) = start_replica(&dir.0, "c", &mock.url(), &redis_url);
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let two = |h: &serde_json::Value| {
-        h["cluster"]["redis_connected"] == true && h["cluster"]["replicas"] == 2
+    let three = |h: &serde_json::Value| {
+        h["cluster"]["redis_connected"] == true && h["cluster"]["replicas"] == 3
     };
-    until_health(&client, a, "a counts two replicas", two).await;
-    until_health(&client, b, "b counts two replicas", two).await;
+    for replica in [a, b, c] {
+        until_health(&client, replica, "three replicas counted", three).await;
+    }
 
     mock.set(KEY_A, Behaviour::rate_limited_secs(30));
     for _ in 0..8 {
@@ -229,6 +232,40 @@ async fn two_server_processes_share_a_rest_and_notice_a_replica_gone() {
     }
     assert_eq!(mock.calls_for(KEY_A), 1, "b never calls the resting key");
     assert_eq!(mock.calls_for(KEY_B), before_b + 4);
+
+    // SIGTERM: c drains, leaves and exits; its heartbeat is gone by then, not 3 s later.
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let c_key = "kcp-processes:replica:c";
+    let exists = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut redis = redis.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(c_key)
+                .query_async::<i64>(&mut redis)
+                .await
+                .expect("EXISTS")
+        }
+    };
+    assert_eq!(exists(&mut redis).await, 1);
+    let term = Command::new("kill")
+        .args(["-TERM", &c_process.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = c_process.0.wait();
+        (c_process, status)
+    });
+    let (_c_process, status) = tokio::time::timeout(BOUND, exited)
+        .await
+        .expect("c exits in time")
+        .expect("wait task");
+    assert!(status.expect("exit status").success(), "c exits 0");
+    assert_eq!(exists(&mut redis).await, 0, "c left before exiting");
 
     // SIGKILL: no clean shutdown, so b's heartbeat stays until its TTL runs out.
     b_process.0.kill().expect("kill replica b");

@@ -46,6 +46,8 @@ pub const CHANNEL: usize = 4096;
 pub const PENDING: usize = 1024;
 /// Longest wait for Redis to connect or answer before it counts as down.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a shutting-down replica waits to take itself out of the replica count.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Wait between reconnection attempts.
 pub const RETRY: Duration = Duration::from_millis(250);
 
@@ -155,6 +157,19 @@ impl Cluster {
     /// Redis is unreachable.
     pub fn replicas(&self) -> i64 {
         self.replicas.get()
+    }
+
+    /// Leaves the cluster on a clean shutdown (after the sync task stopped): the others stop
+    /// counting this replica now rather than when its heartbeat expires. Best effort, within
+    /// [`LEAVE_TIMEOUT`].
+    pub async fn leave(&self) {
+        let leave = async {
+            let mut redis = self.client.get_multiplexed_async_connection().await?;
+            self.heartbeat.stop(&mut redis).await
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(LEAVE_TIMEOUT, leave).await {
+            tracing::debug!(replica = %self.replica, "cluster: left");
+        }
     }
 
     /// Whether Redis is reachable now.
@@ -308,12 +323,7 @@ async fn serve(
                         return Ended::Lost;
                     }
                 }
-                None => {
-                    // Best effort: out of the count now rather than at the heartbeat's TTL.
-                    let stop = cluster.heartbeat.stop(publisher);
-                    let _ = tokio::time::timeout(REDIS_TIMEOUT, stop).await;
-                    return Ended::Shutdown;
-                }
+                None => return Ended::Shutdown,
             },
         }
     }

@@ -209,6 +209,11 @@ impl Server {
         let drained = tokio::time::timeout(grace, drain).await.is_ok();
         probes.abort();
         cluster.abort();
+        if let Some(sync) = &app.cluster {
+            // The sync task is gone before the heartbeat goes, or it could set it again.
+            let _ = cluster.await;
+            sync.leave().await;
+        }
         ops.abort();
         if drained {
             return Ok(());
