@@ -78,11 +78,11 @@ impl KeyPool {
     /// is paced at `1/replicas` of its rate (learned or configured), and what the provider
     /// reports left is a ceiling of which this replica claims `1/replicas` (with more than
     /// one replica it is not spent beyond the pace). Background work: it takes each key's
-    /// lock briefly; selection reads the result from atomics. Kept across reloads.
+    /// lock briefly; selection reads the result from atomics. Kept across reloads. Calling
+    /// it again with the same count re-applies it: a pace set concurrently from the old
+    /// count (an answer teaching a new limit at that moment) is put right.
     pub fn set_replica_share(&self, replicas: NonZeroU32) {
-        if self.replicas.swap(replicas.get(), Ordering::AcqRel) == replicas.get() {
-            return;
-        }
+        self.replicas.store(replicas.get(), Ordering::Release);
         for key in self.keys() {
             key.state.share(replicas);
             key.state
