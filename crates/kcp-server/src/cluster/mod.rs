@@ -13,7 +13,7 @@
 //! and `/health`, keeps the newest changes it could not send (up to [`PENDING`]) and sends
 //! them when Redis is back.
 //!
-//! Budgets are shared by splitting: the task keeps a heartbeat in Redis ([`heartbeat`]),
+//! Budgets are shared by splitting: the task keeps a heartbeat in Redis ([`Heartbeat`]),
 //! counts the live replicas and hands the count to the pool, which paces each key at its
 //! share. While Redis is down the last count stays in force: the other replicas are most
 //! likely still serving, so assuming this one is alone would overrun every key N-fold.
