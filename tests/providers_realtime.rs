@@ -1,0 +1,444 @@
+//! End-to-end: the Realtime API over WebSocket through kcp.
+//!
+//! An in-process WebSocket upstream on `127.0.0.1:0` records each handshake's headers, can
+//! refuse a key's handshake with an HTTP status, greets every session with a
+//! `session.created` event and echoes the client's text and binary frames. The client is
+//! tokio-tungstenite, as an application would use it.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, StatusCode};
+use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret, Strategy};
+use key_cycle_proxy::server::config::Config;
+use support::observe::capture_logs;
+use support::proxy_harness::{Proxy, loaded_config, start_loaded};
+use support::time::freeze;
+use support::{KEY_A, KEY_B};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const CLIENT_TOKEN: &str = "kcp-client-5d1e7a93";
+const MODEL: &str = "gpt-4o-realtime-preview";
+/// Bound on every wait of these tests.
+const WAIT: Duration = Duration::from_secs(10);
+const GREETING: &str = r#"{"type":"session.created"}"#;
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A client handshake's result.
+type Opening = Result<(Client, http::Response<Option<Vec<u8>>>), WsError>;
+
+/// What the realtime upstream saw.
+#[derive(Default)]
+struct Seen {
+    /// Each handshake's path and headers, in order.
+    handshakes: Vec<(String, HeaderMap)>,
+    /// The close frames sessions received.
+    closes: Vec<Option<CloseFrame>>,
+}
+
+/// A WebSocket upstream that echoes frames, refusing the handshakes of some keys.
+#[derive(Clone)]
+struct RealtimeUpstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    /// Key → the status its handshake is refused with.
+    refuse: Arc<Mutex<HashMap<String, u16>>>,
+}
+
+impl RealtimeUpstream {
+    async fn start() -> RealtimeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream = RealtimeUpstream {
+            addr: listener.local_addr().expect("addr"),
+            seen: Arc::default(),
+            refuse: Arc::default(),
+        };
+        let serving = upstream.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serving.clone().session(tcp));
+            }
+        });
+        upstream
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn refuse(&self, key: &str, status: u16) {
+        self.refuse
+            .lock()
+            .expect("lock")
+            .insert(key.to_owned(), status);
+    }
+
+    fn handshakes(&self) -> Vec<(String, HeaderMap)> {
+        self.seen.lock().expect("lock").handshakes.clone()
+    }
+
+    fn closes(&self) -> Vec<Option<CloseFrame>> {
+        self.seen.lock().expect("lock").closes.clone()
+    }
+
+    // `ErrorResponse` is tungstenite's type for a refused handshake.
+    #[allow(clippy::result_large_err)]
+    async fn session(self, tcp: TcpStream) {
+        let check = |request: &Request, response: Response| {
+            let mut seen = self.seen.lock().expect("lock");
+            let path = request.uri().path_and_query().map_or("", |p| p.as_str());
+            seen.handshakes
+                .push((path.to_owned(), request.headers().clone()));
+            let key = request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            match self.refuse.lock().expect("lock").get(key) {
+                Some(&status) => Err(refusal(status, key)),
+                None => Ok(response),
+            }
+        };
+        let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
+            return;
+        };
+        if socket.send(Message::text(GREETING)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = socket.next().await {
+            match message {
+                Message::Text(_) | Message::Binary(_) => {
+                    let echoed = socket.send(message).await;
+                    if echoed.is_err() {
+                        return;
+                    }
+                }
+                Message::Close(frame) => {
+                    self.seen.lock().expect("lock").closes.push(frame);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// OpenAI's answer to a handshake with a revoked key, quoting the key as OpenAI does.
+fn refusal(status: u16, key: &str) -> ErrorResponse {
+    let body = format!(
+        r#"{{"error":{{"message":"Incorrect API key provided: {key}.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}"#
+    );
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .body(Some(body))
+        .expect("a valid response")
+}
+
+/// kcp with `keys` on the realtime upstream, in fixed rotation order, and a client token.
+async fn proxy(upstream: &RealtimeUpstream, keys: &[&'static str]) -> Proxy {
+    proxy_with(upstream, keys, |_| {}).await
+}
+
+async fn proxy_with(
+    upstream: &RealtimeUpstream,
+    keys: &[&'static str],
+    tweak: impl FnOnce(&mut Config),
+) -> Proxy {
+    let keys = keys
+        .iter()
+        .map(|key| (*key, upstream.url(), vec![MODEL]))
+        .collect();
+    let mut loaded = loaded_config(keys, |config| {
+        config.keys.rotation_strategy = Strategy::RoundRobin;
+        config.server.graceful_shutdown_seconds = 3;
+        tweak(config);
+    });
+    loaded.client_keys = vec![Secret::new(CLIENT_TOKEN)];
+    start_loaded(loaded).await
+}
+
+/// Opens a session through `proxy` with `token` for `query`.
+async fn connect(proxy: &Proxy, query: &str, token: Option<&str>) -> Opening {
+    let url = format!("ws://{}/v1/realtime{query}", proxy.addr);
+    let mut request = url.into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("openai-beta", "realtime=v1".parse().expect("value"));
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("value");
+        request.headers_mut().insert("authorization", value);
+    }
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake in time")
+}
+
+async fn open(proxy: &Proxy) -> (Client, http::Response<Option<Vec<u8>>>) {
+    connect(proxy, &format!("?model={MODEL}"), Some(CLIENT_TOKEN))
+        .await
+        .expect("the session opens")
+}
+
+/// The next data or close frame.
+async fn next(client: &mut Client) -> Message {
+    loop {
+        let message = tokio::time::timeout(WAIT, client.next())
+            .await
+            .expect("a frame in time")
+            .expect("the session is open")
+            .expect("a valid frame");
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            return message;
+        }
+    }
+}
+
+/// The status and body of a refused handshake.
+fn refused(result: Opening) -> (StatusCode, serde_json::Value) {
+    match result {
+        Err(WsError::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            let json = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| panic!("a JSON body: {}", String::from_utf8_lossy(&body)));
+            (response.status(), json)
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, the session opened"),
+    }
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Waits (bounded) until `done` holds.
+async fn until(done: impl Fn() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn frames_flow_both_ways_on_the_pool_key_and_the_client_never_sees_it() {
+    let logs = capture_logs("info");
+    let upstream = RealtimeUpstream::start().await;
+    let proxy = proxy(&upstream, &[KEY_A]).await;
+    let (mut client, response) = open(&proxy).await;
+
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let id = header(response.headers(), "x-kcp-request-id")
+        .expect("a request id")
+        .to_owned();
+    let finished = || {
+        logs.of_request(&id)
+            .into_iter()
+            .filter(|line| line["message"] == "request finished")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        finished().is_empty(),
+        "no access line while the session is open"
+    );
+    for (name, value) in response.headers() {
+        let value = value.to_str().unwrap_or_default();
+        assert!(!value.contains(KEY_A), "{name} carries the key");
+        assert_ne!(name, "authorization");
+    }
+    let handshakes = upstream.handshakes();
+    assert_eq!(handshakes.len(), 1, "one upstream handshake");
+    let (path, headers) = &handshakes[0];
+    assert_eq!(path, &format!("/v1/realtime?model={MODEL}"));
+    assert_eq!(
+        header(headers, "authorization"),
+        Some(&*format!("Bearer {KEY_A}"))
+    );
+    assert_eq!(header(headers, "openai-beta"), Some("realtime=v1"));
+    assert_eq!(proxy.app.realtime.count(), 1);
+
+    // The upstream speaks first; then the client's text and binary frames come back.
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+    let text = Message::text(r#"{"type":"response.create"}"#);
+    client.send(text.clone()).await.expect("send text");
+    assert_eq!(next(&mut client).await, text);
+    let binary = Message::binary(vec![0u8, 1, 2, 250, 255]);
+    client.send(binary.clone()).await.expect("send binary");
+    assert_eq!(next(&mut client).await, binary);
+
+    // The client's close goes upstream, and the upstream's answer comes back.
+    let bye = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    };
+    client.close(Some(bye.clone())).await.expect("close");
+    match next(&mut client).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the close answer, got {other:?}"),
+    }
+    until(|| upstream.closes().len() == 1).await;
+    assert_eq!(upstream.closes(), vec![Some(bye)]);
+    until(|| proxy.app.realtime.count() == 0).await;
+    assert_eq!(
+        proxy.app.inflight.current(),
+        0,
+        "the session's slot is freed"
+    );
+    assert_eq!(upstream.handshakes().len(), 1);
+
+    // One access line, when the session ended.
+    until(|| !finished().is_empty()).await;
+    let lines = finished();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["status"], 101);
+    assert_eq!(line["path"], "/v1/realtime");
+    assert_eq!(line["model"], MODEL);
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["body"], "complete");
+    // The greeting, the two echoes and the close answer's reason.
+    let relayed = GREETING.len() + r#"{"type":"response.create"}"#.len() + 5 + "done".len();
+    assert_eq!(line["bytes_out"], relayed as u64, "{line}");
+    assert!(!logs.text().contains(KEY_A), "the key is never logged");
+}
+
+#[tokio::test]
+async fn a_key_refused_in_the_handshake_is_disabled_and_the_next_key_opens_the_session() {
+    let upstream = RealtimeUpstream::start().await;
+    upstream.refuse(KEY_A, 401);
+    let proxy = proxy(&upstream, &[KEY_A, KEY_B]).await;
+    let (mut client, response) = open(&proxy).await;
+
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let keys: Vec<_> = upstream
+        .handshakes()
+        .iter()
+        .map(|(_, headers)| {
+            header(headers, "authorization")
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(keys, [format!("Bearer {KEY_A}"), format!("Bearer {KEY_B}")]);
+    assert_eq!(
+        proxy.key_status(KEY_A),
+        (KeyStatus::Disabled, Some(DisableReason::Unauthorized))
+    );
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+}
+
+#[tokio::test]
+async fn every_key_refused_means_an_openai_error_and_no_upgrade() {
+    let upstream = RealtimeUpstream::start().await;
+    upstream.refuse(KEY_A, 401);
+    upstream.refuse(KEY_B, 401);
+    let proxy = proxy(&upstream, &[KEY_A, KEY_B]).await;
+
+    let (status, body) =
+        refused(connect(&proxy, &format!("?model={MODEL}"), Some(CLIENT_TOKEN)).await);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "no_available_keys");
+    assert!(!body.to_string().contains(KEY_A) && !body.to_string().contains(KEY_B));
+    assert_eq!(upstream.handshakes().len(), 2, "each key tried once");
+    assert_eq!(proxy.app.realtime.count(), 0);
+}
+
+#[tokio::test]
+async fn the_client_must_authenticate_and_name_a_model() {
+    let upstream = RealtimeUpstream::start().await;
+    let proxy = proxy(&upstream, &[KEY_A]).await;
+    let query = format!("?model={MODEL}");
+
+    let (status, body) = refused(connect(&proxy, &query, None).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let (status, _) = refused(connect(&proxy, &query, Some("kcp-client-wrong")).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = refused(connect(&proxy, "", Some(CLIENT_TOKEN)).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("model"),
+        "{body}"
+    );
+    assert_eq!(
+        upstream.handshakes().len(),
+        0,
+        "nothing reached the upstream"
+    );
+}
+
+/// In paused, frozen time: the session closes at once, not after a timeout of the drain.
+#[tokio::test(start_paused = true)]
+async fn the_drain_closes_an_open_session_on_both_sides() {
+    let _frozen = freeze();
+    let upstream = RealtimeUpstream::start().await;
+    let mut proxy = proxy(&upstream, &[KEY_A]).await;
+    let (mut client, _) = open(&proxy).await;
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+
+    let started = tokio::time::Instant::now();
+    let stopped = proxy.begin_shutdown();
+    match next(&mut client).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    // The client answers the close (tungstenite does so on its next read).
+    let end = tokio::time::timeout(WAIT, client.next())
+        .await
+        .expect("in time");
+    assert!(end.is_none(), "the session ends: {end:?}");
+    let result = tokio::time::timeout(WAIT, stopped)
+        .await
+        .expect("run returns in time")
+        .expect("no panic");
+    assert!(
+        result.is_ok(),
+        "drained within the grace period: {result:?}"
+    );
+    assert_eq!(started.elapsed(), Duration::ZERO, "closed without waiting");
+    let closes = upstream.closes();
+    assert_eq!(closes.len(), 1);
+    assert_eq!(closes[0].as_ref().map(|f| f.code), Some(CloseCode::Away));
+    assert_eq!(proxy.app.realtime.count(), 0);
+}
+
+#[tokio::test]
+async fn a_session_holds_its_max_inflight_slot_until_it_ends() {
+    let upstream = RealtimeUpstream::start().await;
+    let proxy = proxy_with(&upstream, &[KEY_A], |config| config.server.max_inflight = 1).await;
+    let (mut client, _) = open(&proxy).await;
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+
+    let query = format!("?model={MODEL}");
+    let (status, body) = refused(connect(&proxy, &query, Some(CLIENT_TOKEN)).await);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert_eq!(
+        upstream.handshakes().len(),
+        1,
+        "the refused one never went upstream"
+    );
+
+    client.close(None).await.expect("close");
+    until(|| proxy.app.inflight.current() == 0).await;
+    let (mut again, _) = open(&proxy).await;
+    assert_eq!(next(&mut again).await, Message::text(GREETING));
+}
