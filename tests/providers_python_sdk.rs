@@ -42,7 +42,7 @@ fn python() -> PathBuf {
     python
 }
 
-/// The README's mixed pool, with the three mocks' addresses.
+/// The README's mixed pool (Providers), with the three mocks' addresses for the providers'.
 fn mixed_pool(openai: &str, azure: &str, local: &str) -> String {
     let auth = format!("[auth]\nclient_keys = [\"{CLIENT_TOKEN}\"]\n");
     let mut toml = config_toml(openai, &[], &auth);
@@ -52,22 +52,22 @@ fn mixed_pool(openai: &str, azure: &str, local: &str) -> String {
 name = "openai"
 key = "{OPENAI_KEY}"
 url = "{openai}/v1"
-models = ["gpt-4o-mini"]
+models = ["gpt-4o-mini", "o3*"]
 
 [[api_keys]]
-name = "azure-eastus"
+name = "azure-classic"
 kind = "azure"
 key = "{AZURE_KEY}"
 url = "{azure}"
 api_version = "2024-10-21"
-deployments = {{ "gpt-4o" = "prod-4o" }}
+deployments = {{ "gpt-4o" = "prod-gpt-4o" }}
 models = ["gpt-4o"]
 
 [[api_keys]]
-name = "local-vllm"
+name = "local"
 key = "{LOCAL_KEY}"
 url = "{local}/v1"
-models = ["llama-3.1-8b-instruct"]
+models = ["llama3.2", "others"]
 "#
     ));
     toml
@@ -107,7 +107,7 @@ async fn the_official_python_sdk_is_served_by_a_mixed_pool() {
     let file = ConfigFile::new(&mixed_pool(&openai.url(), &azure.url(), &local.url()));
     let proxy = start_app(file.app()).await;
 
-    let models = ["gpt-4o-mini", "gpt-4o", "llama-3.1-8b-instruct"];
+    let models = ["gpt-4o-mini", "gpt-4o", "llama3.2"];
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/mixed_pool.py");
     let run = tokio::process::Command::new(&python)
         .arg(script)
@@ -156,13 +156,13 @@ async fn the_official_python_sdk_is_served_by_a_mixed_pool() {
     assert_eq!(
         chats(&azure),
         plain_and_streamed(
-            "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+            "/openai/deployments/prod-gpt-4o/chat/completions?api-version=2024-10-21",
             "gpt-4o"
         )
     );
     assert_eq!(
         chats(&local),
-        plain_and_streamed("/v1/chat/completions", "llama-3.1-8b-instruct")
+        plain_and_streamed("/v1/chat/completions", "llama3.2")
     );
     for (mock, key) in [
         (&openai, OPENAI_KEY),
