@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use kcp_core::{
-    Action, Answer, Attempt, ClientRequest, ErrorBody, GiveUp, KeyId, KeyPool, Lease,
-    RateLimitHeaders, Replay, Reply, UpstreamFailure,
+    Action, Answer, Attempt, ClientRequest, ErrorBody, GiveUp, KeyId, KeyKind, KeyPool, KeySpec,
+    Lease, RateLimitHeaders, Replay, Reply, UpstreamFailure,
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -85,37 +85,32 @@ pub async fn open(
         retry_policy(config),
     );
     let mut kept: Option<Refusal> = None;
-    let mut retry = None;
+    let mut tries = Tries {
+        app,
+        pool,
+        config,
+        wanted,
+        retry: None,
+    };
     let opened = loop {
         let now = clock::now();
         let next = clock::with_rng(|rng| attempt.next(pool, &app.queue, now, rng));
         match next {
-            kcp_core::Next::Send(lease) => {
-                match try_key(
-                    app,
-                    config,
-                    wanted,
-                    (&mut attempt, &mut retry),
-                    lease,
-                    report,
-                )
-                .await
-                {
-                    Tried::Opened(opened) => break opened,
-                    Tried::Answer(answer, Action::Deliver) => break Opened::Refused(answer.pass()),
-                    Tried::Answer(answer, Action::Keep) => kept = Some(answer),
-                    Tried::Answer(_, Action::Forget) => kept = None,
-                    Tried::Failed(refusal) => kept = Some(refusal),
-                    Tried::Unbuildable => {
-                        break Opened::Refused(proxy_answer(
-                            report,
-                            OpenAiError::upstream_unavailable(
-                                "the API key's configuration cannot form a request",
-                            ),
-                        ));
-                    }
+            kcp_core::Next::Send(lease) => match tries.try_key(&mut attempt, lease, report).await {
+                Tried::Opened(opened) => break opened,
+                Tried::Answer(answer, Action::Deliver) => break Opened::Refused(answer.pass()),
+                Tried::Answer(answer, Action::Keep) => kept = Some(answer),
+                Tried::Answer(_, Action::Forget) => kept = None,
+                Tried::Failed(refusal) => kept = Some(refusal),
+                Tried::Unbuildable => {
+                    break Opened::Refused(proxy_answer(
+                        report,
+                        OpenAiError::upstream_unavailable(
+                            "the API key's configuration cannot form a request",
+                        ),
+                    ));
                 }
-            }
+            },
             kcp_core::Next::Sleep(delay) => tokio::time::sleep(delay).await,
             kcp_core::Next::Wait(wait) => {
                 tokio::time::sleep_until(clock::to_instant(wait.until).into()).await;
@@ -183,132 +178,154 @@ impl Refusal {
     }
 }
 
-async fn try_key(
-    app: &App,
-    config: &Config,
-    wanted: &Wanted<'_>,
-    (attempt, retry): (&mut Attempt<'_>, &mut Option<&'static str>),
-    lease: Lease,
-    report: &mut Report,
-) -> Tried {
-    let key = lease.id().clone();
-    let Some(request) = upstream_request(&lease, wanted) else {
-        tracing::error!(
-            key = key.as_str(),
-            "cannot build the upstream realtime request"
-        );
-        return Tried::Unbuildable;
-    };
-    let connector = match tls(config) {
-        Ok(connector) => connector,
-        Err(error) => {
-            tracing::error!(%error, "cannot set up TLS for the realtime upstream");
-            return Tried::Unbuildable;
-        }
-    };
-    if let Some(reason) = retry.take() {
-        app.metrics.retry(reason);
-    }
-    report.attempts += 1;
-    let started = clock::now();
-    let connect =
-        tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
-    let connected = tokio::time::timeout(config.upstream.request_timeout(), connect).await;
-    let now = clock::now();
-    let ttfb = now.saturating_since(started);
-    report.upstream_time += ttfb;
-    let (answer, refusal) = match connected {
-        Ok(Ok((socket, _response))) => {
-            app.metrics.upstream_attempt(
-                key.as_str(),
-                crate::observe::metrics::UpstreamOutcome::Success,
-                Some(ttfb),
-            );
-            report.key = Some(key);
-            report.upstream_ttfb = Some(ttfb);
-            report.status = StatusCode::SWITCHING_PROTOCOLS;
-            return Tried::Opened(Opened::Session {
-                socket: Box::new(socket),
-                lease,
-                ttfb,
-            });
-        }
-        Ok(Err(WsError::Http(response))) => {
-            let (parts, body) = response.into_parts();
-            let body = Bytes::from(body.unwrap_or_default());
-            let fields = ErrorFields::parse(&body);
-            let limits = RateLimitHeaders::parse(
-                parts
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_bytes())),
-                clock::unix_now(),
-            );
-            let organization = parts
-                .headers
-                .get("openai-organization")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let reply = Reply {
-                status: parts.status.as_u16(),
-                limits,
-                error: fields.as_body(),
-                organization: organization.as_deref(),
-                latency: ttfb,
-            };
-            let verdict = attempt.on_answer(lease, &Answer::Reply(reply), now);
-            *retry = note(app, &key, &verdict, Some(ttfb), now);
-            let refusal = Refusal::Upstream {
-                status: parts.status,
-                body,
-                content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
-                key,
-            };
-            return Tried::Answer(refusal, verdict.action);
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(key = key.as_str(), %error, "realtime upstream handshake failed");
-            let failure = match error {
-                WsError::Io(_) | WsError::Tls(_) | WsError::Url(_) => UpstreamFailure::Connect,
-                _ => UpstreamFailure::Protocol,
-            };
-            let refusal = OpenAiError::upstream_unavailable(
-                "the WebSocket handshake with the provider failed",
-            );
-            (
-                Answer::Failed {
-                    failure,
-                    reached: false,
-                },
-                refusal,
-            )
-        }
-        Err(_elapsed) => {
-            tracing::warn!(key = key.as_str(), "realtime upstream handshake timed out");
-            let answer = Answer::Failed {
-                failure: UpstreamFailure::Timeout,
-                reached: false,
-            };
-            (answer, OpenAiError::upstream_timeout())
-        }
-    };
-    let verdict = attempt.on_answer(lease, &answer, now);
-    *retry = note(app, &key, &verdict, None, now);
-    Tried::Failed(Refusal::Proxy(refusal))
+/// What every try of one session needs.
+struct Tries<'a> {
+    app: &'a App,
+    pool: &'a KeyPool,
+    config: &'a Config,
+    wanted: &'a Wanted<'a>,
+    /// Why the next try is a retry, if it is one (`kcp_retries_total`'s reason).
+    retry: Option<&'static str>,
 }
 
-/// One try's result in metrics and logs; the reason the next try is a retry, if it is one.
-fn note(
-    app: &App,
-    key: &KeyId,
-    verdict: &kcp_core::Verdict,
-    ttfb: Option<Duration>,
-    now: kcp_core::Time,
-) -> Option<&'static str> {
-    let outcome = outcome_of(verdict.class);
-    app.metrics.upstream_attempt(key.as_str(), outcome, ttfb);
-    log_changes(key, &verdict.changes, now);
-    outcome.retry_reason()
+impl Tries<'_> {
+    /// One upstream handshake with `lease`'s key, its answer recorded in `attempt`.
+    async fn try_key(
+        &mut self,
+        attempt: &mut Attempt<'_>,
+        lease: Lease,
+        report: &mut Report,
+    ) -> Tried {
+        let Tries {
+            app,
+            config,
+            wanted,
+            ..
+        } = *self;
+        let key = lease.id().clone();
+        let Some(request) = upstream_request(&lease, wanted) else {
+            tracing::error!(
+                key = key.as_str(),
+                "cannot build the upstream realtime request"
+            );
+            return Tried::Unbuildable;
+        };
+        let connector = match tls(config) {
+            Ok(connector) => connector,
+            Err(error) => {
+                tracing::error!(%error, "cannot set up TLS for the realtime upstream");
+                return Tried::Unbuildable;
+            }
+        };
+        if let Some(reason) = self.retry.take() {
+            app.metrics.retry(reason);
+        }
+        report.attempts += 1;
+        let started = clock::now();
+        let connect =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        let connected = tokio::time::timeout(config.upstream.request_timeout(), connect).await;
+        let now = clock::now();
+        let ttfb = now.saturating_since(started);
+        report.upstream_time += ttfb;
+        let (answer, refusal) = match connected {
+            Ok(Ok((socket, _response))) => {
+                app.metrics.upstream_attempt(
+                    key.as_str(),
+                    crate::observe::metrics::UpstreamOutcome::Success,
+                    Some(ttfb),
+                );
+                report.key = Some(key);
+                report.upstream_ttfb = Some(ttfb);
+                report.status = StatusCode::SWITCHING_PROTOCOLS;
+                return Tried::Opened(Opened::Session {
+                    socket: Box::new(socket),
+                    lease,
+                    ttfb,
+                });
+            }
+            Ok(Err(WsError::Http(response))) => {
+                let (parts, body) = response.into_parts();
+                let body = Bytes::from(body.unwrap_or_default());
+                let fields = ErrorFields::parse(&body);
+                let limits = RateLimitHeaders::parse(
+                    parts
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_bytes())),
+                    clock::unix_now(),
+                );
+                let organization = parts
+                    .headers
+                    .get("openai-organization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let reply = Reply {
+                    status: parts.status.as_u16(),
+                    limits,
+                    error: fields.as_body(),
+                    organization: organization.as_deref(),
+                    latency: ttfb,
+                };
+                let verdict = attempt.on_answer(lease, &Answer::Reply(reply), now);
+                self.retry = self.note(&key, &verdict, Some(ttfb), now);
+                let refusal = Refusal::Upstream {
+                    status: parts.status,
+                    body,
+                    content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+                    key,
+                };
+                return Tried::Answer(refusal, verdict.action);
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(key = key.as_str(), %error, "realtime upstream handshake failed");
+                let failure = match error {
+                    WsError::Io(_) | WsError::Tls(_) | WsError::Url(_) => UpstreamFailure::Connect,
+                    _ => UpstreamFailure::Protocol,
+                };
+                let refusal = OpenAiError::upstream_unavailable(
+                    "the WebSocket handshake with the provider failed",
+                );
+                (
+                    Answer::Failed {
+                        failure,
+                        reached: false,
+                    },
+                    refusal,
+                )
+            }
+            Err(_elapsed) => {
+                tracing::warn!(key = key.as_str(), "realtime upstream handshake timed out");
+                let answer = Answer::Failed {
+                    failure: UpstreamFailure::Timeout,
+                    reached: false,
+                };
+                (answer, OpenAiError::upstream_timeout())
+            }
+        };
+        let verdict = attempt.on_answer(lease, &answer, now);
+        self.retry = self.note(&key, &verdict, None, now);
+        Tried::Failed(Refusal::Proxy(refusal))
+    }
+
+    /// One try's result in metrics, logs and the cluster; the reason the next try is a retry, if it is one.
+    fn note(
+        &self,
+        key: &KeyId,
+        verdict: &kcp_core::Verdict,
+        ttfb: Option<Duration>,
+        now: kcp_core::Time,
+    ) -> Option<&'static str> {
+        let outcome = outcome_of(verdict.class);
+        self.app
+            .metrics
+            .upstream_attempt(key.as_str(), outcome, ttfb);
+        log_changes(key, &verdict.changes, now);
+        if let Some(cluster) = &self.app.cluster {
+            cluster.share(self.pool, key, &verdict.changes, Some(self.wanted.model));
+        }
+        outcome.retry_reason()
+    }
 }
 
 /// The client's answer when no key opened the session.
@@ -359,17 +376,7 @@ pub fn proxy_answer(report: &mut Report, error: OpenAiError) -> Response<ProxyBo
 /// The upstream handshake request with `lease`'s key; `None` if the key's url cannot form one.
 fn upstream_request(lease: &Lease, wanted: &Wanted<'_>) -> Option<http::Request<()>> {
     let spec = lease.spec();
-    let uri = target_url::join(spec, wanted.path_and_query, Some(wanted.model)).ok()?;
-    let scheme = match uri.scheme_str() {
-        Some("https") => "wss",
-        Some("http") => "ws",
-        _ => return None,
-    };
-    let url = format!(
-        "{scheme}://{}{}",
-        uri.authority()?,
-        uri.path_and_query().map_or("/", |p| p.as_str())
-    );
+    let url = upstream_url(spec, wanted.path_and_query, wanted.model)?;
     let mut request = url.into_client_request().ok()?;
     let sent = request.headers_mut();
     for name in PASSED {
@@ -379,6 +386,31 @@ fn upstream_request(lease: &Lease, wanted: &Wanted<'_>) -> Option<http::Request<
     }
     headers::add_key(sent, spec).ok()?;
     Some(request)
+}
+
+/// The upstream WebSocket url of a session on `spec`'s key: the key's root joined with the
+/// client's `/v1/realtime?...` like any request, in `wss://` (`ws://` for an `http://` key).
+/// Azure's classic form names the deployment in the query instead of the path:
+/// `<resource>/openai/realtime?deployment=<deployment>&api-version=<v>`.
+fn upstream_url(spec: &KeySpec, path_and_query: &str, model: &str) -> Option<String> {
+    let uri = match (&spec.kind, &spec.api_version) {
+        (KeyKind::Azure, Some(_)) => {
+            let target = format!("{}?deployment={}", super::PATH, spec.deployment(model));
+            target_url::join(spec, &target, None)
+        }
+        _ => target_url::join(spec, path_and_query, Some(model)),
+    }
+    .ok()?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => "wss",
+        Some("http") => "ws",
+        _ => return None,
+    };
+    Some(format!(
+        "{scheme}://{}{}",
+        uri.authority()?,
+        uri.path_and_query().map_or("/", |p| p.as_str())
+    ))
 }
 
 /// The rustls client setup of `upstream.ca_file`, built once per distinct file (reading the
@@ -430,5 +462,55 @@ impl ErrorFields {
             kind: self.kind.as_deref(),
             message: self.message.as_deref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kcp_core::Secret;
+
+    use super::*;
+
+    #[test]
+    fn the_session_url_is_the_key_root_in_websocket_scheme() {
+        let query = "/v1/realtime?model=gpt-4o-realtime-preview";
+        let model = "gpt-4o-realtime-preview";
+        let cases = [
+            (
+                KeySpec::new(Secret::new("k"), "https://api.openai.com/v1"),
+                "wss://api.openai.com/v1/realtime?model=gpt-4o-realtime-preview",
+            ),
+            (
+                KeySpec::new(Secret::new("k"), "http://127.0.0.1:8000/v1"),
+                "ws://127.0.0.1:8000/v1/realtime?model=gpt-4o-realtime-preview",
+            ),
+            (
+                KeySpec::new(Secret::new("k"), "https://res.openai.azure.com/openai/v1").azure(),
+                "wss://res.openai.azure.com/openai/v1/realtime?model=gpt-4o-realtime-preview",
+            ),
+            (
+                KeySpec::new(Secret::new("k"), "https://res.openai.azure.com")
+                    .azure()
+                    .with_deployments("2024-10-01-preview", [(model, "rt-prod")]),
+                "wss://res.openai.azure.com/openai/realtime?deployment=rt-prod&api-version=2024-10-01-preview",
+            ),
+        ];
+        for (spec, url) in cases {
+            assert_eq!(upstream_url(&spec, query, model).as_deref(), Some(url));
+        }
+    }
+
+    #[test]
+    fn error_fields_are_read_from_an_openai_body() {
+        let body = br#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        let fields = ErrorFields::parse(body);
+        let read = fields.as_body();
+        assert_eq!(read.code, Some("invalid_api_key"));
+        assert_eq!(read.kind, Some("invalid_request_error"));
+        assert_eq!(read.message, Some("Incorrect API key"));
+        assert_eq!(
+            ErrorFields::parse(b"not json").as_body(),
+            ErrorBody::default()
+        );
     }
 }

@@ -44,7 +44,8 @@ use crate::proxy::{ModelName, ProxyBody, Report};
 /// The realtime endpoint.
 pub const PATH: &str = "/v1/realtime";
 
-/// How long a side gets to finish closing once the other side or the drain closed.
+/// How long a side gets to finish closing once the other side or the drain closed, at most
+/// (never longer than `server.graceful_shutdown_seconds`).
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether `request` asks to open a realtime session: a `GET` on [`PATH`] with
@@ -103,6 +104,9 @@ pub async fn run<B>(
             ttfb,
         } => (socket, lease, ttfb),
     };
+    let relay = Relay {
+        close_wait: CLOSE_WAIT.min(config.server.graceful_shutdown()),
+    };
     let upgrade = hyper::upgrade::on(&mut request);
     let (ended, end) = watch::channel(None);
     let session = app.realtime.open();
@@ -118,9 +122,6 @@ pub async fn run<B>(
             }
         };
         let client = WebSocketStream::from_raw_socket(client, Role::Server, None).await;
-        let relay = Relay {
-            close_wait: CLOSE_WAIT,
-        };
         let relayed = relay.run(client, *socket, app.drain_begun()).await;
         if relayed.ending == Ending::Cut {
             tracing::debug!("a realtime session was cut after the close wait");
