@@ -100,12 +100,13 @@ impl RealtimeUpstream {
             let path = request.uri().path_and_query().map_or("", |p| p.as_str());
             seen.handshakes
                 .push((path.to_owned(), request.headers().clone()));
-            let key = request
-                .headers()
+            let headers = request.headers();
+            let bearer = headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let azure = headers.get("api-key").and_then(|v| v.to_str().ok());
+            let key = bearer.or(azure).unwrap_or_default();
             match self.refuse.lock().expect("lock").get(key) {
                 Some(&status) => Err(refusal(status, key)),
                 None => Ok(response),
@@ -134,10 +135,23 @@ impl RealtimeUpstream {
     }
 }
 
-/// OpenAI's answer to a handshake with a revoked key, quoting the key as OpenAI does.
+/// OpenAI's answer to a handshake: a 429 rate limit, else a revoked key (quoting the key, as
+/// OpenAI does, to check that it never reaches the client).
 fn refusal(status: u16, key: &str) -> ErrorResponse {
+    let (message, kind, code) = match status {
+        429 => (
+            "Rate limit reached for requests.".to_owned(),
+            "requests",
+            "rate_limit_exceeded",
+        ),
+        _ => (
+            format!("Incorrect API key provided: {key}."),
+            "invalid_request_error",
+            "invalid_api_key",
+        ),
+    };
     let body = format!(
-        r#"{{"error":{{"message":"Incorrect API key provided: {key}.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}"#
+        r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"{code}"}}}}"#
     );
     http::Response::builder()
         .status(status)
@@ -445,4 +459,54 @@ async fn a_session_holds_its_max_inflight_slot_until_it_ends() {
     until(|| proxy.app.inflight.current() == 0).await;
     let (mut again, _) = open(&proxy).await;
     assert_eq!(next(&mut again).await, Message::text(GREETING));
+}
+
+#[tokio::test]
+async fn a_rate_limited_key_rests_and_the_next_key_opens_the_session() {
+    let upstream = RealtimeUpstream::start().await;
+    upstream.refuse(KEY_A, 429);
+    let proxy = proxy(&upstream, &[KEY_A, KEY_B]).await;
+    let (mut client, _) = open(&proxy).await;
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+
+    assert_eq!(upstream.handshakes().len(), 2);
+    assert_eq!(proxy.key_status(KEY_A).0, KeyStatus::Cooling);
+    // The next session goes straight to the key that is not resting.
+    let (mut second, _) = open(&proxy).await;
+    assert_eq!(next(&mut second).await, Message::text(GREETING));
+    let handshakes = upstream.handshakes();
+    assert_eq!(handshakes.len(), 3);
+    assert_eq!(
+        header(&handshakes[2].1, "authorization"),
+        Some(&*format!("Bearer {KEY_B}"))
+    );
+}
+
+#[tokio::test]
+async fn an_azure_key_opens_the_session_with_api_key_and_no_authorization() {
+    let upstream = RealtimeUpstream::start().await;
+    let mut loaded = loaded_config(vec![], |_| {});
+    loaded.keys = vec![
+        support::proxy_harness::resolved_key(
+            KEY_A,
+            &format!("http://{}/openai/v1", upstream.addr),
+            &[MODEL],
+        )
+        .azure(),
+    ];
+    loaded.client_keys = vec![Secret::new(CLIENT_TOKEN)];
+    let proxy = start_loaded(loaded).await;
+    let (mut client, _) = open(&proxy).await;
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+
+    let handshakes = upstream.handshakes();
+    assert_eq!(handshakes.len(), 1);
+    let (path, headers) = &handshakes[0];
+    assert_eq!(path, &format!("/openai/v1/realtime?model={MODEL}"));
+    assert_eq!(header(headers, "api-key"), Some(KEY_A));
+    assert_eq!(
+        header(headers, "authorization"),
+        None,
+        "the client's token stays at kcp"
+    );
 }

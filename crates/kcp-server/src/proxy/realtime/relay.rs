@@ -146,3 +146,79 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+
+    type Socket = WebSocketStream<DuplexStream>;
+
+    const WAIT: Duration = Duration::from_secs(3);
+
+    /// Two connected WebSockets: the relay's end (in `role`) and the peer's.
+    async fn pair(role: Role) -> (Socket, Socket) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let peer_role = match role {
+            Role::Server => Role::Client,
+            Role::Client => Role::Server,
+        };
+        (
+            WebSocketStream::from_raw_socket(near, role, None).await,
+            WebSocketStream::from_raw_socket(far, peer_role, None).await,
+        )
+    }
+
+    async fn next(socket: &mut Socket) -> Option<Message> {
+        tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .expect("a frame in time")
+            .and_then(Result::ok)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_that_goes_away_gets_the_other_side_a_close_frame() {
+        let (client, mut client_peer) = pair(Role::Server).await;
+        let (upstream, upstream_peer) = pair(Role::Client).await;
+        let relay = tokio::spawn(async move {
+            let relay = Relay { close_wait: WAIT };
+            relay.run(client, upstream, std::future::pending()).await
+        });
+        drop(upstream_peer);
+        assert!(matches!(
+            next(&mut client_peer).await,
+            Some(Message::Close(_))
+        ));
+        assert_eq!(next(&mut client_peer).await, None, "then the session ends");
+        let relayed = relay.await.expect("no panic");
+        assert_eq!(relayed.ending, Ending::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_closes_both_sides_and_cuts_one_that_never_answers() {
+        let (client, mut client_peer) = pair(Role::Server).await;
+        let (upstream, _silent_upstream) = pair(Role::Client).await;
+        let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            let relay = Relay { close_wait: WAIT };
+            let drain = async {
+                let _ = drained.await;
+            };
+            relay.run(client, upstream, drain).await
+        });
+        let started = tokio::time::Instant::now();
+        drain.send(()).expect("the relay listens");
+        match next(&mut client_peer).await {
+            Some(Message::Close(Some(frame))) => assert_eq!(frame.code, CloseCode::Away),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+        // The client answers; the upstream never reads, so the relay waits out its close wait.
+        assert_eq!(next(&mut client_peer).await, None);
+        let relayed = relay.await.expect("no panic");
+        assert_eq!(relayed.ending, Ending::Cut);
+        assert_eq!(started.elapsed(), WAIT);
+    }
+}
