@@ -21,6 +21,7 @@ use support::proxy_harness::{Proxy, loaded_config, start_loaded};
 use support::time::freeze;
 use support::{KEY_A, KEY_B};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -58,6 +59,18 @@ struct RealtimeUpstream {
 
 impl RealtimeUpstream {
     async fn start() -> RealtimeUpstream {
+        RealtimeUpstream::serve(None).await
+    }
+
+    /// Over TLS (`wss://`), with a certificate signed by a fresh CA, written to a file.
+    async fn start_tls() -> (RealtimeUpstream, CaFile) {
+        let (acceptor, pem) = support::mock_upstream::tls_server();
+        let upstream = RealtimeUpstream::serve(Some(acceptor)).await;
+        let ca = CaFile::write(&pem, upstream.addr.port());
+        (upstream, ca)
+    }
+
+    async fn serve(tls: Option<TlsAcceptor>) -> RealtimeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let upstream = RealtimeUpstream {
             addr: listener.local_addr().expect("addr"),
@@ -67,7 +80,18 @@ impl RealtimeUpstream {
         let serving = upstream.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(serving.clone().session(tcp));
+                let serving = serving.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => serving.session(tcp).await,
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(tcp).await {
+                                serving.session(stream).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         upstream
@@ -94,7 +118,10 @@ impl RealtimeUpstream {
 
     // `ErrorResponse` is tungstenite's type for a refused handshake.
     #[allow(clippy::result_large_err)]
-    async fn session(self, tcp: TcpStream) {
+    async fn session<S>(self, tcp: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let check = |request: &Request, response: Response| {
             let mut seen = self.seen.lock().expect("lock");
             let path = request.uri().path_and_query().map_or("", |p| p.as_str());
@@ -132,6 +159,24 @@ impl RealtimeUpstream {
                 _ => {}
             }
         }
+    }
+}
+
+/// The TLS upstream's CA in a file, for `upstream.ca_file`; removed on drop.
+struct CaFile(std::path::PathBuf);
+
+impl CaFile {
+    fn write(pem: &str, port: u16) -> CaFile {
+        let name = format!("kcp-realtime-ca-{}-{port}.pem", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, pem).expect("write the CA file");
+        CaFile(path)
+    }
+}
+
+impl Drop for CaFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -508,5 +553,42 @@ async fn an_azure_key_opens_the_session_with_api_key_and_no_authorization() {
         header(headers, "authorization"),
         None,
         "the client's token stays at kcp"
+    );
+}
+
+#[tokio::test]
+async fn a_wss_upstream_is_verified_with_the_configured_ca() {
+    let (upstream, ca) = RealtimeUpstream::start_tls().await;
+    let url = format!("https://127.0.0.1:{}/v1", upstream.addr.port());
+
+    // Without the CA, the provider's certificate is not trusted: no session, kcp's 502.
+    let mut untrusting = loaded_config(vec![(KEY_A, url.clone(), vec![MODEL])], |_| {});
+    untrusting.client_keys = vec![Secret::new(CLIENT_TOKEN)];
+    let proxy = start_loaded(untrusting).await;
+    let query = format!("?model={MODEL}");
+    let (status, body) = refused(connect(&proxy, &query, Some(CLIENT_TOKEN)).await);
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(body["error"]["code"], "upstream_unavailable");
+    assert!(
+        upstream.handshakes().is_empty(),
+        "no handshake over an untrusted TLS"
+    );
+    drop(proxy);
+
+    let mut loaded = loaded_config(vec![(KEY_A, url, vec![MODEL])], |config| {
+        config.upstream.ca_file = Some(ca.0.clone());
+    });
+    loaded.client_keys = vec![Secret::new(CLIENT_TOKEN)];
+    let proxy = start_loaded(loaded).await;
+    let (mut client, _) = open(&proxy).await;
+    assert_eq!(next(&mut client).await, Message::text(GREETING));
+    let echo = Message::text("over tls");
+    client.send(echo.clone()).await.expect("send");
+    assert_eq!(next(&mut client).await, echo);
+    let handshakes = upstream.handshakes();
+    assert_eq!(handshakes.len(), 1);
+    assert_eq!(
+        header(&handshakes[0].1, "authorization"),
+        Some(&*format!("Bearer {KEY_A}"))
     );
 }

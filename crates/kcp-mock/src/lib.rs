@@ -1092,6 +1092,14 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
+/// A TLS acceptor for `localhost` / `127.0.0.1` with a certificate signed by a fresh CA, and
+/// the CA's PEM: for a test upstream that speaks something else over TLS (the realtime
+/// WebSocket upstream).
+#[cfg(feature = "tls")]
+pub fn tls_server() -> (TlsAcceptor, String) {
+    tls_acceptor()
+}
+
 /// A fresh CA and a `localhost` / `127.0.0.1` server certificate it signed.
 #[cfg(feature = "tls")]
 fn tls_acceptor() -> (TlsAcceptor, String) {
