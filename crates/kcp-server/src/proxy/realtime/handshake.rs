@@ -42,17 +42,23 @@ const PASSED: [&str; 1] = ["openai-beta"];
 /// The handshake's result.
 #[derive(Debug)]
 pub enum Opened {
-    /// A key opened the session: it stays leased until the session ends.
-    Session {
-        /// The upstream socket.
-        socket: Box<UpstreamSocket>,
-        /// The key's lease.
-        lease: Lease,
-        /// Time to the upstream's 101.
-        ttfb: Duration,
-    },
+    /// A key opened the session.
+    Session(Upstream),
     /// No key opened it: the client's answer.
     Refused(Response<ProxyBody>),
+}
+
+/// The upstream side of a session a key opened; the key stays leased until the session ends.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The upstream socket.
+    pub socket: Box<UpstreamSocket>,
+    /// The key's lease.
+    pub lease: Lease,
+    /// Time to the upstream's 101.
+    pub ttfb: Duration,
+    /// The rate-limit headers of the upstream's 101.
+    pub limits: RateLimitHeaders,
 }
 
 /// What the client asked for.
@@ -229,7 +235,7 @@ impl Tries<'_> {
         let ttfb = now.saturating_since(started);
         report.upstream_time += ttfb;
         let (answer, refusal) = match connected {
-            Ok(Ok((socket, _response))) => {
+            Ok(Ok((socket, response))) => {
                 app.metrics.upstream_attempt(
                     key.as_str(),
                     crate::observe::metrics::UpstreamOutcome::Success,
@@ -238,23 +244,18 @@ impl Tries<'_> {
                 report.key = Some(key);
                 report.upstream_ttfb = Some(ttfb);
                 report.status = StatusCode::SWITCHING_PROTOCOLS;
-                return Tried::Opened(Opened::Session {
+                return Tried::Opened(Opened::Session(Upstream {
                     socket: Box::new(socket),
                     lease,
                     ttfb,
-                });
+                    limits: limits_of(response.headers()),
+                }));
             }
             Ok(Err(WsError::Http(response))) => {
                 let (parts, body) = response.into_parts();
                 let body = Bytes::from(body.unwrap_or_default());
                 let fields = ErrorFields::parse(&body);
-                let limits = RateLimitHeaders::parse(
-                    parts
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_bytes())),
-                    clock::unix_now(),
-                );
+                let limits = limits_of(&parts.headers);
                 let organization = parts
                     .headers
                     .get("openai-organization")
@@ -326,6 +327,14 @@ impl Tries<'_> {
         }
         outcome.retry_reason()
     }
+}
+
+/// The rate-limit headers of a handshake's answer.
+fn limits_of(headers: &HeaderMap) -> RateLimitHeaders {
+    RateLimitHeaders::parse(
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        clock::unix_now(),
+    )
 }
 
 /// The client's answer when no key opened the session.

@@ -28,13 +28,18 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::Instrument;
 
-use self::handshake::{Opened, Wanted};
-use self::relay::{Ending, Relay};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use kcp_core::{Answer, Reply};
+
+use self::handshake::{Opened, Upstream, Wanted};
+use self::relay::{Ending, Relay, Relayed};
+use self::sessions::Session;
 pub use self::sessions::Sessions;
 use crate::app::App;
 use crate::clock;
 use crate::edge::openai_error::OpenAiError;
-use crate::edge::overload::InflightLimit;
+use crate::edge::overload::{InflightGuard, InflightLimit};
 use crate::edge::path::Target;
 use crate::observe::SessionEnd;
 use crate::pipeline::RequestCtx;
@@ -94,52 +99,79 @@ pub async fn run<B>(
     };
     let config = &generation.config.config;
     let opened = handshake::open(app, &generation.pool, config, &wanted, &mut report).await;
+    let upstream = match opened {
+        Opened::Refused(response) => {
+            report.status = response.status();
+            report.trace();
+            ctx.report.keep(report);
+            return response.map(|body| body.holding(admitted));
+        }
+        Opened::Session(upstream) => upstream,
+    };
     report.trace();
     ctx.report.keep(report);
-    let (socket, lease, ttfb) = match opened {
-        Opened::Refused(response) => return response.map(|body| body.holding(admitted)),
-        Opened::Session {
-            socket,
-            lease,
-            ttfb,
-        } => (socket, lease, ttfb),
-    };
     let relay = Relay {
         close_wait: CLOSE_WAIT.min(config.server.graceful_shutdown()),
     };
-    let upgrade = hyper::upgrade::on(&mut request);
+    let client = hyper::upgrade::on(&mut request);
     let (ended, end) = watch::channel(None);
-    let session = app.realtime.open();
-    let app = Arc::clone(app);
-    let run = async move {
-        let _admitted = admitted;
-        let _session = session;
-        let client = match upgrade.await {
-            Ok(upgraded) => hyper_util::rt::TokioIo::new(upgraded),
-            Err(error) => {
-                tracing::debug!(%error, "the client's upgrade did not complete");
-                return;
-            }
-        };
-        let client = WebSocketStream::from_raw_socket(client, Role::Server, None).await;
-        let relayed = relay.run(client, *socket, app.drain_begun()).await;
-        if relayed.ending == Ending::Cut {
-            tracing::debug!("a realtime session was cut after the close wait");
-        }
-        let answer = kcp_core::Answer::Reply(kcp_core::Reply {
-            status: StatusCode::SWITCHING_PROTOCOLS.as_u16(),
-            latency: ttfb,
-            ..kcp_core::Reply::default()
-        });
-        let key = lease.id().clone();
-        let now = clock::now();
-        log_changes(&key, &lease.record_answer(&answer, now), now);
-        ended.send_replace(Some(relayed));
+    let held = Held {
+        _admitted: admitted,
+        _session: app.realtime.open(),
     };
-    tokio::spawn(run.in_current_span());
+    let session = session(Arc::clone(app), client, upstream, relay, ended, held);
+    tokio::spawn(session.in_current_span());
     let mut response = switching_protocols(accept);
     response.extensions_mut().insert(SessionEnd(end));
     response
+}
+
+/// What a session holds until it ends: its `max_inflight` slot and its place among the open
+/// sessions the drain waits for.
+struct Held {
+    _admitted: InflightGuard,
+    _session: Session,
+}
+
+/// Runs one session once the client's upgrade completes: relays frames until it ends, then
+/// records the key's lease and sends what was relayed to the access line.
+async fn session(
+    app: Arc<App>,
+    client: OnUpgrade,
+    upstream: Upstream,
+    relay: Relay,
+    ended: watch::Sender<Option<Relayed>>,
+    _held: Held,
+) {
+    let Upstream {
+        mut socket,
+        lease,
+        ttfb,
+        limits,
+    } = upstream;
+    let client = match client.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(error) => {
+            tracing::debug!(%error, "the client's upgrade did not complete");
+            let _ = tokio::time::timeout(relay.close_wait, socket.close(None)).await;
+            return;
+        }
+    };
+    let client = WebSocketStream::from_raw_socket(client, Role::Server, None).await;
+    let relayed = relay.run(client, *socket, app.drain_begun()).await;
+    if relayed.ending == Ending::Cut {
+        tracing::debug!("a realtime session was cut after the close wait");
+    }
+    let answer = Answer::Reply(Reply {
+        status: StatusCode::SWITCHING_PROTOCOLS.as_u16(),
+        limits,
+        latency: ttfb,
+        ..Reply::default()
+    });
+    let key = lease.id().clone();
+    let now = clock::now();
+    log_changes(&key, &lease.record_answer(&answer, now), now);
+    ended.send_replace(Some(relayed));
 }
 
 /// The `Sec-WebSocket-Accept` for the client's handshake, or why it is not a valid one.
