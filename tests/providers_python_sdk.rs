@@ -9,9 +9,6 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use support::config_file::{ConfigFile, config_toml};
 use support::mock_upstream::COMPLETION_TEXT;
@@ -24,23 +21,6 @@ const LOCAL_KEY: &str = "local-unused-71b4";
 const CLIENT_TOKEN: &str = "kcp-sdk-client-0e6f";
 /// Events of each mock's streamed completion (`tok0 tok1 tok2 `).
 const CHUNKS: usize = 3;
-/// Bound on the SDK run (start-up of Python included).
-const SDK_WAIT: Duration = Duration::from_secs(120);
-
-/// The venv's interpreter: `KCP_PYTHON`, else the venv `.ci/run tools` creates.
-fn python() -> PathBuf {
-    let python = std::env::var_os("KCP_PYTHON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/python-sdk-venv/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        python.exists(),
-        "no Python with the OpenAI SDK at {}: run `bash .ci/run tools` (or see docs/testing.md), \
-         or point KCP_PYTHON at a python that has `openai` installed",
-        python.display()
-    );
-    python
-}
 
 /// The README's mixed pool (Providers), with the three mocks' addresses for the providers'.
 fn mixed_pool(openai: &str, azure: &str, local: &str) -> String {
@@ -95,7 +75,6 @@ fn chats(mock: &MockUpstream) -> Vec<(String, bool, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_sdk_is_served_by_a_mixed_pool() {
-    let python = python();
     let (openai, azure, local) = (
         MockUpstream::start().await,
         MockUpstream::start().await,
@@ -108,21 +87,8 @@ async fn the_official_python_sdk_is_served_by_a_mixed_pool() {
     let proxy = start_app(file.app()).await;
 
     let models = ["gpt-4o-mini", "gpt-4o", "llama3.2"];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/mixed_pool.py");
-    let run = tokio::process::Command::new(&python)
-        .arg(script)
-        .args(models)
-        .env("KCP_BASE_URL", proxy.url("/v1"))
-        .env("KCP_CLIENT_TOKEN", CLIENT_TOKEN)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(SDK_WAIT, run)
-        .await
-        .expect("the SDK finishes in time")
-        .expect("python runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
-    let result: Value = serde_json::from_slice(&output.stdout).expect("the script's JSON");
+    let result =
+        support::python::run("mixed_pool.py", &models, &proxy.url("/v1"), CLIENT_TOKEN).await;
 
     // What the SDK parsed: each model answered, whole and streamed.
     for model in models {

@@ -592,3 +592,32 @@ async fn a_wss_upstream_is_verified_with_the_configured_ca() {
         Some(&*format!("Bearer {KEY_A}"))
     );
 }
+
+/// The official OpenAI Python SDK's Realtime client (`openai[realtime]`) through kcp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_opens_a_realtime_session() {
+    let upstream = RealtimeUpstream::start().await;
+    let proxy = proxy(&upstream, &[KEY_A]).await;
+    let base = format!("http://{}/v1", proxy.addr);
+    let result = support::python::run("realtime.py", &[MODEL], &base, CLIENT_TOKEN).await;
+
+    assert_eq!(result["first"], "session.created", "{result}");
+    assert_eq!(
+        result["echo"],
+        serde_json::json!({"type": "response.create"})
+    );
+    let handshakes = upstream.handshakes();
+    assert_eq!(handshakes.len(), 1);
+    let (path, headers) = &handshakes[0];
+    assert_eq!(path, &format!("/v1/realtime?model={MODEL}"));
+    assert_eq!(
+        header(headers, "authorization"),
+        Some(&*format!("Bearer {KEY_A}"))
+    );
+    let sent = format!("{headers:?}");
+    assert!(
+        !sent.contains(CLIENT_TOKEN),
+        "the client token stays at kcp"
+    );
+    until(|| proxy.app.realtime.count() == 0).await;
+}

@@ -7,6 +7,7 @@
 //! - [`observe`]: metric scrapes and captured logs.
 //! - [`config_file`]: a config file on disk, for reloads and signals.
 //! - [`raw`]: raw TCP, for tests below HTTP.
+//! - [`python`]: the official OpenAI Python SDK, run as a child process.
 #![allow(dead_code, unused_imports)]
 
 pub mod config_file;
@@ -15,6 +16,7 @@ pub mod keys;
 pub use kcp_mock as mock_upstream;
 pub mod observe;
 pub mod proxy_harness;
+pub mod python;
 pub mod raw;
 pub mod time;
 
