@@ -9,7 +9,7 @@
 
 mod support;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::config_file::{ConfigFile, config_toml};
 use support::mock_upstream::COMPLETION_TEXT;
 use support::proxy_harness::start_app;
