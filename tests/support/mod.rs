@@ -8,6 +8,7 @@
 //! - [`config_file`]: a config file on disk, for reloads and signals.
 //! - [`raw`]: raw TCP, for tests below HTTP.
 //! - [`python`]: the official OpenAI Python SDK, run as a child process.
+//! - [`realtime`]: a WebSocket echo upstream and client, for the Realtime API.
 #![allow(dead_code, unused_imports)]
 
 pub mod config_file;
@@ -18,6 +19,7 @@ pub mod observe;
 pub mod proxy_harness;
 pub mod python;
 pub mod raw;
+pub mod realtime;
 pub mod time;
 
 pub use keys::{KEY_A, KEY_B, KEY_C, one_key, routed_keys, three_keys, two_keys};
