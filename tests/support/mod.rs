@@ -8,6 +8,8 @@
 //! - [`config_file`]: a config file on disk, for reloads and signals.
 //! - [`raw`]: raw TCP, for tests below HTTP.
 //! - [`cluster`]: a real `redis-server` on a free loopback port and replicas sharing it.
+//! - [`python`]: the official OpenAI Python SDK, run as a child process.
+//! - [`realtime`]: a WebSocket echo upstream and client, for the Realtime API.
 #![allow(dead_code, unused_imports)]
 
 pub mod config_file;
@@ -17,7 +19,9 @@ pub use kcp_mock as mock_upstream;
 pub mod cluster;
 pub mod observe;
 pub mod proxy_harness;
+pub mod python;
 pub mod raw;
+pub mod realtime;
 pub mod time;
 
 pub use keys::{KEY_A, KEY_B, KEY_C, one_key, routed_keys, three_keys, two_keys};

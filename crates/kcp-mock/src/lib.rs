@@ -93,6 +93,10 @@ pub enum Behaviour {
     },
     /// `text/event-stream`: [`sse_events`] sent one frame at a time, `interval` apart.
     Stream { chunks: usize, interval: Duration },
+    /// As an OpenAI-compatible server answers an SDK: a chat completion whose body asks for
+    /// `"stream": true` gets [`sse_events`] with `chunks` events at once, anything else what
+    /// [`Behaviour::Ok`] answers.
+    Compatible { chunks: usize },
     /// Sends `chunks` SSE events, then aborts the response: the client sees an error, never a
     /// clean end (HTTP/1.1: connection closed mid-body; h2: `RST_STREAM`).
     StreamThenReset { chunks: usize },
@@ -703,6 +707,18 @@ impl Received {
         prompt.saturating_add(asked)
     }
 
+    /// Whether the request is a chat completion asking to be streamed.
+    fn wants_stream(&self) -> bool {
+        self.method == Method::POST
+            && self.path == "/v1/chat/completions"
+            && self
+                .json
+                .as_ref()
+                .and_then(|body| body.get("stream"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+    }
+
     fn model(&self) -> &str {
         self.json
             .as_ref()
@@ -803,6 +819,13 @@ fn build(behaviour: &Behaviour, req: &Received, n: u64, shared: Arc<Shared>) -> 
         Behaviour::Stream { chunks, interval } => {
             let frames = sse_events(req.model(), *chunks);
             sse_response(MockBody::new(frames, *interval, Ending::Clean, shared))
+        }
+        Behaviour::Compatible { chunks } if req.wants_stream() => {
+            let frames = sse_events(req.model(), *chunks);
+            sse_response(MockBody::new(frames, Duration::ZERO, Ending::Clean, shared))
+        }
+        Behaviour::Compatible { .. } => {
+            json_response(StatusCode::OK, &ok_body(req, n), &[], shared)
         }
         Behaviour::StreamThenReset { chunks } => {
             let mut frames = sse_events(req.model(), *chunks);
@@ -1067,6 +1090,14 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim().to_owned())
+}
+
+/// A TLS acceptor for `localhost` / `127.0.0.1` with a certificate signed by a fresh CA, and
+/// the CA's PEM: for a test upstream that speaks something else over TLS (the realtime
+/// WebSocket upstream).
+#[cfg(feature = "tls")]
+pub fn tls_server() -> (TlsAcceptor, String) {
+    tls_acceptor()
 }
 
 /// A fresh CA and a `localhost` / `127.0.0.1` server certificate it signed.

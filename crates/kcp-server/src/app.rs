@@ -65,6 +65,8 @@ pub struct App {
     pub registry: Registry,
     /// `server.max_inflight`: requests past it are refused with 503.
     pub inflight: InflightLimit,
+    /// Realtime (WebSocket) sessions open now: the drain waits for them.
+    pub realtime: crate::proxy::realtime::Sessions,
     /// The command line the configuration is re-read with on reload ([`App::reloadable`]);
     /// `None` for a configuration built in code. The lock makes reloads run one at a time.
     pub(crate) source: Mutex<Option<Cli>>,
@@ -105,6 +107,7 @@ impl App {
             source: Mutex::new(None),
             reloads: tokio::sync::watch::Sender::new(0),
             drain_began: tokio::sync::watch::Sender::new(false),
+            realtime: crate::proxy::realtime::Sessions::default(),
             cluster,
         };
         app.on_pool_swapped(&app.pool());

@@ -5,6 +5,7 @@
 //! - `OPTIONS` is CORS's: a preflight is answered from `[cors]` ([`crate::edge::cors`]), 403
 //!   for an origin that is not allowed (every origin, until some are configured);
 //! - a path with dot segments, empty segments or a backslash gets 400 ([`crate::edge::path`]);
+//! - a WebSocket upgrade on `/v1/realtime` opens a realtime session ([`realtime`]);
 //! - `/v1` and everything below `/v1/` runs through the [`crate::pipeline`];
 //! - `GET /health` (liveness) answers 200 with the key counts by state, from memory: it
 //!   never calls the upstream, so a provider outage does not get the proxy restarted;
@@ -29,7 +30,7 @@ use crate::edge::openai_error::OpenAiError;
 use crate::edge::{head, path};
 use crate::observe::Exchange;
 use crate::pipeline::{self, RequestCtx};
-use crate::proxy::ProxyBody;
+use crate::proxy::{ProxyBody, realtime};
 
 /// Answers one client request, observed from its head to its response's last byte
 /// ([`Exchange`]): its id comes back in `x-kcp-request-id` and tags every log line it causes,
@@ -54,7 +55,7 @@ fn is_probe<B>(request: &Request<B>) -> bool {
 }
 
 /// The answer to one request, with CORS headers for an allowed origin.
-async fn answer<B>(app: &App, ctx: RequestCtx, request: Request<B>) -> Response<ProxyBody>
+async fn answer<B>(app: &Arc<App>, ctx: RequestCtx, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -71,7 +72,7 @@ where
 }
 
 /// The answer to a request that is not `OPTIONS`, before CORS decoration.
-async fn route<B>(app: &App, ctx: RequestCtx, request: Request<B>) -> Response<ProxyBody>
+async fn route<B>(app: &Arc<App>, ctx: RequestCtx, request: Request<B>) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -97,6 +98,9 @@ where
     match target.path() {
         "/health" if probe => health(app),
         "/ready" if probe => ready(app),
+        _ if realtime::is_upgrade(&request, &target) => {
+            realtime::run(app, ctx, &target, request).await
+        }
         _ if target.is_api() => pipeline::run(app, ctx, &target, request).await,
         other => OpenAiError::not_found(other).into_response(),
     }

@@ -24,3 +24,4 @@ pub use body::ResponseBody;
 pub use client::Upstream;
 pub use config::UpstreamConfig;
 pub use error::{BuildError, ErrorKind, UpstreamError};
+pub use tls::client_config as tls_client_config;

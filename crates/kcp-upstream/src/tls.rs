@@ -13,8 +13,9 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::error::BuildError;
 
-/// A client configuration without ALPN; the connector builder sets the protocols.
-pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, BuildError> {
+/// A client configuration without ALPN; the connector builder sets the protocols (the
+/// realtime WebSocket client uses it as is: HTTP/1.1 only).
+pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, BuildError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     add_native_roots(&mut roots);

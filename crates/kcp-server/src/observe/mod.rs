@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode, Uri};
 use kcp_core::KeyId;
+use tokio::sync::watch;
 use tracing::Span;
 
 use self::access_log::{AccessRecord, BodyEnd};
@@ -24,6 +25,7 @@ use crate::app::App;
 use crate::clock;
 use crate::edge::request_id::{self, RequestId};
 use crate::pipeline::RequestCtx;
+use crate::proxy::realtime::relay::{Ending, Relayed};
 use crate::proxy::{ModelName, ProxyBody, Report};
 
 /// Refreshes the key gauges from the pool in service and renders every metric of the app's
@@ -99,6 +101,11 @@ impl Unfinished {
     }
 }
 
+/// Set on a response whose exchange ends with a realtime session rather than with its body:
+/// the session sends what it relayed when it ends.
+#[derive(Debug, Clone)]
+pub struct SessionEnd(pub watch::Receiver<Option<Relayed>>);
+
 /// Status recorded for a request whose client left before the response head.
 const CLIENT_CLOSED: u16 = 499;
 
@@ -133,6 +140,10 @@ impl Exchange {
 
     /// The response with `x-kcp-request-id`, its body carrying this exchange to its end. Takes
     /// the request's [`Report`], if the pipeline made one.
+    ///
+    /// A response that carries a [`SessionEnd`] (a realtime session's 101) keeps the exchange
+    /// open until the session ends instead: its access line then has the session's duration
+    /// and the bytes it sent to the client.
     pub fn respond(mut self, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
         self.report = self.unfinished.take();
         let elsewhere = self
@@ -144,7 +155,24 @@ impl Exchange {
         response
             .headers_mut()
             .insert(request_id::HEADER, self.id.header_value());
+        if let Some(SessionEnd(end)) = response.extensions_mut().remove::<SessionEnd>() {
+            tokio::spawn(self.outlive(end));
+            return response;
+        }
         response.map(|body| body.observed(Box::new(self)))
+    }
+
+    /// Ends the exchange with its session: complete when the session closed or was drained,
+    /// cancelled when it was cut or never started.
+    async fn outlive(mut self, mut end: watch::Receiver<Option<Relayed>>) {
+        if let Ok(relayed) = end.wait_for(Option::is_some).await {
+            if let Some(relayed) = *relayed {
+                self.bytes_out = relayed.to_client;
+                if relayed.ending != Ending::Cut {
+                    self.body = BodyEnd::Complete;
+                }
+            }
+        }
     }
 
     /// Counts `n` more body bytes handed to the connection.

@@ -20,6 +20,10 @@
 //! Connection errors are counted by kind. Changed limits apply to connections accepted after a
 //! reload.
 //!
+//! Connections are served with upgrades, for the realtime API's WebSocket sessions; an upgraded
+//! connection leaves hyper's graceful shutdown, so the drain also waits for the open sessions
+//! ([`crate::proxy::realtime::Sessions`]), which it has told to close.
+//!
 //! A second listener on `observability.metrics_bind` serves `/metrics` and the admin API
 //! ([`crate::ops_listener`]); it keeps serving during the drain and closes when it ends.
 
@@ -205,6 +209,7 @@ impl Server {
         let drain = async {
             graceful.shutdown().await;
             while connections.join_next().await.is_some() {}
+            app.realtime.all_closed().await;
         };
         let drained = tokio::time::timeout(grace, drain).await.is_ok();
         probes.abort();
@@ -277,7 +282,7 @@ fn serve_connection(
     let io = StallGuard::new(tcp, limits.server.response_write_timeout());
     let connection = limits
         .builder
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
     let head_timeout = limits.server.header_read_timeout();
     let idle = limits.server.idle_connection_timeout();

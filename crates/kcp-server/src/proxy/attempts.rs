@@ -381,7 +381,7 @@ pub fn failure_of(kind: ErrorKind) -> UpstreamFailure {
 }
 
 /// The metrics label of an answer's class.
-fn outcome_of(class: Class) -> UpstreamOutcome {
+pub fn outcome_of(class: Class) -> UpstreamOutcome {
     match class {
         Class::Success => UpstreamOutcome::Success,
         Class::Request => UpstreamOutcome::ClientError,

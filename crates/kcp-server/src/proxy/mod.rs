@@ -4,14 +4,16 @@
 //! One module per concept: [`model`] reads the model from the body, [`stateful`] tells which
 //! endpoints stick to a home key, [`headers`] and [`target_url`] shape the upstream request,
 //! [`attempts`] performs what kcp-core's attempt policy decides (reading each answer with
-//! [`reply`]), [`body`] streams the answer back, [`report`] sums up what happened, and
-//! [`probe`] re-checks disabled keys in the background.
+//! [`reply`]), [`body`] streams the answer back, [`report`] sums up what happened,
+//! [`probe`] re-checks disabled keys in the background, and [`realtime`] relays WebSocket
+//! sessions.
 
 pub mod attempts;
 pub mod body;
 pub mod headers;
 pub mod model;
 pub mod probe;
+pub mod realtime;
 pub mod reply;
 pub mod report;
 pub mod stateful;
