@@ -246,6 +246,32 @@ async fn an_operators_disable_through_one_replica_holds_everywhere_until_an_oper
             .next_probe_secs
     };
     assert_eq!((probe(&a), probe(&b), probe(&c)), (None, None, None));
+    // Redis restarted without its data: the replicas write their operator disables back
+    // into the cluster's record rather than taking its emptiness for an enable.
+    let mut redis = redis;
+    redis.kill();
+    until("the replicas see redis gone", || {
+        !connected(&a) && !connected(&b) && !connected(&c)
+    })
+    .await;
+    redis.restart().await;
+    let record = format!("HKEYS {}:operator-disabled", redis.namespace());
+    let fingerprint = Secret::new(KEY_A).fingerprint();
+    let rewritten = async {
+        while !redis.query(&record).await.contains(&fingerprint) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(support::proxy_harness::WAIT, rewritten)
+        .await
+        .expect("the record is written back");
+    until("all three reach redis again", || {
+        connected(&a) && connected(&b) && connected(&c)
+    })
+    .await;
+    for p in [&a, &b, &c] {
+        assert_eq!(p.key_status(KEY_A), manual);
+    }
     // An operator enables it through another replica: all three have it back.
     operator(&b, KEY_A, false).await;
     until("replicas a and c have key A back", || {

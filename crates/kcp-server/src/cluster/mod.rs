@@ -343,7 +343,13 @@ async fn serve(
     }
     // An operator's decisions made elsewhere meanwhile: the cluster's record holds them.
     let pool = app.pool();
-    let reconcile = operator::reconcile(&cluster.operators, publisher, &pool, clock::now());
+    let reconcile = operator::reconcile(
+        &cluster.operators,
+        &cluster.replica,
+        publisher,
+        &pool,
+        clock::now(),
+    );
     match tokio::time::timeout(REDIS_TIMEOUT, reconcile).await {
         Ok(Ok(0)) => {}
         Ok(Ok(changed)) => {

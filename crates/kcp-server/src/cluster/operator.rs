@@ -11,6 +11,11 @@
 //! the record as it is: keys in it are disabled, keys it holds disabled by an operator and
 //! not in it are put back. Its own decisions made while Redis was away are sent (and
 //! recorded) first.
+//!
+//! Redis may lose the record (restarted without persistence): then an empty record would
+//! put every key back. The marker `{namespace}:operator-record`, set with the record, tells
+//! a kept record from a lost one; a replica that finds no marker writes its own operator
+//! disables into the record (and the marker) and lifts none.
 
 use std::collections::HashSet;
 
@@ -20,6 +25,14 @@ use redis::aio::MultiplexedConnection;
 /// Where the operator's disables of `namespace` are recorded.
 pub fn record_key(namespace: &str) -> String {
     format!("{namespace}:operator-disabled")
+}
+
+/// The marker of a record Redis kept, next to the record `record`.
+fn marker_key(record: &str) -> String {
+    format!(
+        "{}:operator-record",
+        record.trim_end_matches(":operator-disabled")
+    )
 }
 
 /// The command that records `change` when it is an operator's decision: `None` for other
@@ -43,15 +56,38 @@ pub fn record(key: &str, replica: &str, change: &RemoteChange) -> Option<redis::
     }
 }
 
-/// Brings `pool` to the cluster's record of operator disables at `now`; returns how many
-/// keys changed.
+/// Brings `pool` to the cluster's record `key` of operator disables at `now` (or, when
+/// Redis lost the record, the record to `pool`'s, written as `replica`'s); returns how
+/// many keys changed here.
 pub async fn reconcile(
     key: &str,
+    replica: &str,
     redis: &mut MultiplexedConnection,
     pool: &KeyPool,
     now: Time,
 ) -> redis::RedisResult<usize> {
-    let recorded: HashSet<String> = redis::cmd("HKEYS").arg(key).query_async(redis).await?;
+    let marker = marker_key(key);
+    let (kept, mut recorded): (Option<String>, HashSet<String>) = redis::pipe()
+        .cmd("GET")
+        .arg(&marker)
+        .cmd("HKEYS")
+        .arg(key)
+        .query_async(redis)
+        .await?;
+    if kept.is_none() {
+        let mut write = redis::pipe();
+        for fingerprint in pool.operator_disabled() {
+            write
+                .cmd("HSET")
+                .arg(key)
+                .arg(&fingerprint)
+                .arg(replica)
+                .ignore();
+            recorded.insert(fingerprint);
+        }
+        write.cmd("SET").arg(&marker).arg(1).ignore();
+        write.query_async::<()>(redis).await?;
+    }
     Ok(apply(&recorded, pool, now))
 }
 
@@ -108,6 +144,14 @@ mod tests {
         want.sort();
         assert_eq!(held, want);
         assert_eq!(apply(&recorded, &pool, now), 0);
+    }
+
+    #[test]
+    fn the_marker_sits_next_to_the_record() {
+        assert_eq!(
+            marker_key(&record_key("kcp-prod")),
+            "kcp-prod:operator-record"
+        );
     }
 
     #[test]
