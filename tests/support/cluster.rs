@@ -72,6 +72,29 @@ impl Redis {
             .expect("redis-server answers PING");
     }
 
+    /// The raw reply (RESP) to one inline `command`, e.g. `HKEYS some-key`.
+    pub async fn query(&self, command: &str) -> String {
+        let exchange = async {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .expect("redis answers");
+            tcp.write_all(format!("{command}\r\n").as_bytes())
+                .await
+                .expect("command sent");
+            let mut reply = vec![0u8; 16 * 1024];
+            let n = tcp.read(&mut reply).await.expect("reply read");
+            String::from_utf8_lossy(&reply[..n]).into_owned()
+        };
+        tokio::time::timeout(WAIT, exchange)
+            .await
+            .expect("redis replies in time")
+    }
+
+    /// The namespace [`section`] gives replicas on this Redis.
+    pub fn namespace(&self) -> String {
+        format!("kcp-test-{}", self.port)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -95,7 +118,7 @@ impl Drop for Redis {
 pub fn section(redis: &Redis, replica: &str) -> ClusterSection {
     ClusterSection {
         redis_url: Secret::new(redis.url()),
-        namespace: format!("kcp-test-{}", redis.port),
+        namespace: redis.namespace(),
         replica_id: Some(replica.to_owned()),
         ..ClusterSection::default()
     }

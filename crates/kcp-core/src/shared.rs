@@ -9,7 +9,10 @@
 //!
 //! Applying merges the way a local event would: the later rest deadline wins, a disabled key
 //! stays disabled with the later re-check, an operator's disable is only lifted by an
-//! operator. What is not shared: health, latency, circuits (they are about this replica's
+//! operator. An operator's disable or enable on one replica is the whole cluster's: it is
+//! shared too ([`KeyPool::export_operator`]); an enable received from another replica
+//! lifts an operator's disable but not the provider's (that key's re-check is made due
+//! at once instead: the provider, not the operator, says whether it works again). What is not shared: health, latency, circuits (they are about this replica's
 //! path to the provider), counters and in-flight figures. Transport and encoding are the
 //! embedding service's business; times here are this process's [`Time`].
 //!
@@ -57,6 +60,9 @@ pub enum SharedState {
     },
     /// A re-check brought the key back.
     Enabled,
+    /// An operator put the key back (admin API). Lifts an operator's disable; a key the
+    /// provider disabled stays out, with its re-check due now.
+    OperatorEnabled,
     /// The key refuses a model (or endpoint) until then.
     ModelRefused {
         /// The model or endpoint.
@@ -158,10 +164,65 @@ impl KeyPool {
         out
     }
 
+    /// What the other replicas should hear of an operator disabling (`disable`) or
+    /// enabling the key with id `key` here: the whole cluster follows an operator. An
+    /// enable is sent even when the key was not disabled here (it may be elsewhere).
+    /// Empty for a key not in the pool.
+    pub fn export_operator(&self, key: &str, disable: bool) -> Vec<RemoteChange> {
+        let Some(pool_key) = self.keys().iter().find(|k| k.id.as_str() == key) else {
+            return Vec::new();
+        };
+        let state = if disable {
+            SharedState::Disabled {
+                reason: DisableReason::Manual,
+                recheck_at: Time::NEVER,
+            }
+        } else {
+            SharedState::OperatorEnabled
+        };
+        vec![RemoteChange {
+            key: pool_key.spec.secret.fingerprint(),
+            state,
+        }]
+    }
+
+    /// A 503 asked the key `key` to rest (`Retry-After`): its rest as the other replicas
+    /// should hear it (a 503 causes no [`StateChange`] of its own). Empty when the key
+    /// does not rest past `now` or is not in the pool.
+    pub fn export_rest(&self, key: &KeyId, now: Time) -> Vec<RemoteChange> {
+        let Some(pool_key) = self.key_by_id(key) else {
+            return Vec::new();
+        };
+        let until = pool_key.state.policy().cooldown.until();
+        if until <= now {
+            return Vec::new();
+        }
+        vec![RemoteChange {
+            key: pool_key.spec.secret.fingerprint(),
+            state: SharedState::Cooling { until },
+        }]
+    }
+
+    /// Fingerprints of the keys an operator disabled (here or on another replica), to
+    /// compare with the cluster's record of operator disables after a reconnection.
+    pub fn operator_disabled(&self) -> Vec<String> {
+        self.keys()
+            .iter()
+            .filter(|k| {
+                k.state
+                    .policy()
+                    .disabled
+                    .is_some_and(|d| d.reason == DisableReason::Manual)
+            })
+            .map(|k| k.spec.secret.fingerprint())
+            .collect()
+    }
+
     /// Everything shareable this replica knows at `now`, as the changes that would bring
-    /// another replica to it: each key's rest, disable (not an operator's: that stays on
-    /// the replica it was made on), refused scopes and learned limits. A replica that
-    /// (re)joins asks for this, since pub/sub does not replay what it missed.
+    /// another replica to it: each key's rest, disable (not an operator's: the
+    /// cluster keeps a record of those, so a replica never brings back an operator's
+    /// disable lifted while it was away), refused scopes and learned limits. A replica
+    /// that (re)joins asks for this, since pub/sub does not replay what it missed.
     pub fn export_all(&self, now: Time) -> Vec<RemoteChange> {
         let mut out = Vec::new();
         for key in self.keys() {
@@ -233,6 +294,22 @@ impl KeyState {
                     self.publish(&policy, now);
                 }
             }
+            SharedState::Disabled {
+                reason: DisableReason::Manual,
+                ..
+            } => {
+                // An operator's disable is the whole cluster's, whatever the key was here.
+                let mut policy = self.policy();
+                if !policy
+                    .disabled
+                    .is_some_and(|d| d.reason == DisableReason::Manual)
+                {
+                    policy.disabled = Some(Disabled::new(DisableReason::Manual, now));
+                    self.publish_trial(None);
+                    self.disabled.store(true, Ordering::Release);
+                }
+                self.calm.store(policy.is_calm(), Ordering::Release);
+            }
             SharedState::Disabled { reason, recheck_at } => {
                 let mut policy = self.policy();
                 match &mut policy.disabled {
@@ -244,9 +321,7 @@ impl KeyState {
                     }
                     None => {
                         let mut disabled = Disabled::new(*reason, now);
-                        if *reason != DisableReason::Manual {
-                            disabled.probe_at = (*recheck_at).max(now);
-                        }
+                        disabled.probe_at = (*recheck_at).max(now);
                         policy.disabled = Some(disabled);
                         self.publish_trial(Some(disabled));
                         self.disabled.store(true, Ordering::Release);
@@ -265,6 +340,23 @@ impl KeyState {
                     self.disabled.store(false, Ordering::Release);
                 }
                 self.calm.store(policy.is_calm(), Ordering::Release);
+            }
+            SharedState::OperatorEnabled => {
+                let mut policy = self.policy();
+                match policy.disabled {
+                    Some(d) if d.reason == DisableReason::Manual => {
+                        policy.disabled = None;
+                        self.publish_trial(None);
+                        self.disabled.store(false, Ordering::Release);
+                        self.calm.store(policy.is_calm(), Ordering::Release);
+                        self.publish(&policy, now);
+                    }
+                    Some(_) => {
+                        drop(policy);
+                        self.probe_now(now);
+                    }
+                    None => {}
+                }
             }
             SharedState::ModelRefused { scope, until } => {
                 if *until > now {
@@ -720,5 +812,128 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn an_operators_disable_and_enable_on_one_replica_are_followed_on_the_other() {
+        let t = Time::from_secs(100);
+        let (a, b) = (pool(&["sk-a", "sk-b"]), pool(&["sk-b", "sk-a"]));
+        let key = Secret::new("sk-a").fingerprint();
+        let id = a.keys()[0].id.clone();
+        assert!(a.set_disabled(id.as_str(), true, t).is_some());
+        let disable = a.export_operator(id.as_str(), true);
+        assert_eq!(
+            disable,
+            vec![RemoteChange {
+                key: key.clone(),
+                state: SharedState::Disabled {
+                    reason: DisableReason::Manual,
+                    recheck_at: Time::NEVER,
+                },
+            }]
+        );
+        // On b the key was out already, by the provider: the operator's word replaces it,
+        // and no re-check brings it back.
+        b.apply_remote(
+            &RemoteChange {
+                key: key.clone(),
+                state: SharedState::Disabled {
+                    reason: DisableReason::Unauthorized,
+                    recheck_at: t + Duration::from_secs(60),
+                },
+            },
+            t,
+        );
+        assert!(b.apply_remote(&disable[0], t));
+        let snap = status_of(&b, "sk-a", t);
+        assert_eq!(snap.disabled_reason, Some(DisableReason::Manual));
+        assert_eq!(snap.next_probe_secs, None);
+        assert_eq!(b.operator_disabled(), vec![key.clone()]);
+        b.apply_remote(
+            &RemoteChange {
+                key: key.clone(),
+                state: SharedState::Enabled,
+            },
+            t,
+        );
+        assert_eq!(
+            status_of(&b, "sk-a", t).disabled_reason,
+            Some(DisableReason::Manual)
+        );
+        // The operator puts it back on a: b follows.
+        a.set_disabled(id.as_str(), false, t);
+        let enable = a.export_operator(id.as_str(), false);
+        assert_eq!(
+            enable,
+            vec![RemoteChange {
+                key: key.clone(),
+                state: SharedState::OperatorEnabled,
+            }]
+        );
+        b.apply_remote(&enable[0], t);
+        assert_eq!(status_of(&b, "sk-a", t).status, KeyStatus::Available);
+        assert!(b.operator_disabled().is_empty());
+        assert!(a.export_operator("no-such-key", true).is_empty());
+    }
+
+    #[test]
+    fn an_operators_enable_from_elsewhere_makes_a_provider_disabled_key_due_for_its_recheck() {
+        let t = Time::from_secs(100);
+        let b = pool(&["sk-a"]);
+        let key = Secret::new("sk-a").fingerprint();
+        b.apply_remote(
+            &RemoteChange {
+                key: key.clone(),
+                state: SharedState::Disabled {
+                    reason: DisableReason::Billing,
+                    recheck_at: t + Duration::from_secs(600),
+                },
+            },
+            t,
+        );
+        let later = t + Duration::from_secs(5);
+        b.apply_remote(
+            &RemoteChange {
+                key,
+                state: SharedState::OperatorEnabled,
+            },
+            later,
+        );
+        let snap = status_of(&b, "sk-a", later);
+        assert_eq!(snap.disabled_reason, Some(DisableReason::Billing));
+        assert_eq!(snap.next_probe_secs, Some(0.0));
+    }
+
+    #[test]
+    fn a_503_rest_is_exported_while_it_lasts() {
+        let t = Time::from_secs(100);
+        let a = pool(&["sk-a"]);
+        let mut rng = SplitMix64::new(4);
+        let lease = a.select(&demand(&[]), t, &mut rng).expect("free");
+        let id = lease.id().clone();
+        let changes = lease.record(
+            Outcome::Upstream {
+                failure: crate::UpstreamFailure::Status(503),
+                retry_after: Some(Duration::from_secs(7)),
+            },
+            t,
+        );
+        // A 503 causes no state change of its own ...
+        assert!(
+            changes
+                .iter()
+                .all(|c| !matches!(c, StateChange::Cooling { .. }))
+        );
+        // ... its rest is exported by asking for it.
+        assert_eq!(
+            a.export_rest(&id, t),
+            vec![RemoteChange {
+                key: Secret::new("sk-a").fingerprint(),
+                state: SharedState::Cooling {
+                    until: t + Duration::from_secs(7)
+                },
+            }]
+        );
+        assert!(a.export_rest(&id, t + Duration::from_secs(7)).is_empty());
     }
 }

@@ -47,7 +47,8 @@ pub trait AdminOps: Send + Sync {
     fn reload(&self) -> Result<usize, String>;
 
     /// Called after an operator disabled or enabled `key`, with the state changes that
-    /// caused (for logs and metrics). Does nothing by default.
+    /// caused (for logs and metrics, and for the other replicas with `[cluster]`: an
+    /// operator's decision is the whole cluster's). Does nothing by default.
     fn key_changed(&self, key: &str, changes: Changes) {
         let _ = (key, changes);
     }

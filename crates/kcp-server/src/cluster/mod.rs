@@ -19,6 +19,7 @@
 //! likely still serving, so assuming this one is alone would overrun every key N-fold.
 
 mod heartbeat;
+mod operator;
 mod settings;
 mod wire;
 
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use kcp_core::{Changes, KeyId, KeyPool, RemoteChange};
+use kcp_core::{Changes, Class, DisableReason, KeyId, KeyPool, RemoteChange, StateChange, Verdict};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::mpsc;
 
@@ -66,6 +67,7 @@ pub enum ClusterError {
 pub struct Cluster {
     replica: String,
     channel: String,
+    operators: String,
     client: redis::Client,
     outbox: mpsc::Sender<RemoteChange>,
     inbox: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
@@ -136,6 +138,7 @@ impl Cluster {
             heartbeat: Heartbeat::new(&section.namespace, &replica),
             replica,
             channel: format!("{}:changes", section.namespace),
+            operators: operator::record_key(&section.namespace),
             client,
             outbox,
             inbox: Mutex::new(Some(inbox)),
@@ -186,6 +189,47 @@ impl Cluster {
                 if self.outbox.try_send(remote).is_err() {
                     self.dropped.inc();
                 }
+            }
+        }
+    }
+
+    /// Shares what one upstream answer did to the key `key` of `pool` (its [`Verdict`],
+    /// for a request of refusal scope `scope`): its state changes, and the rest a 503's
+    /// `Retry-After` asked for (which is no state change of its own). Never waits.
+    pub fn share_answer(
+        &self,
+        pool: &KeyPool,
+        key: &KeyId,
+        verdict: &Verdict,
+        scope: Option<&str>,
+    ) {
+        self.share(pool, key, &verdict.changes, scope);
+        if let Class::Upstream {
+            retry_after: Some(_),
+            ..
+        } = verdict.class
+        {
+            self.send_all(pool.export_rest(key, clock::now()));
+        }
+    }
+
+    /// Shares an operator's disable or enable of the key named `key` (the `changes` the
+    /// admin API's action caused: an operator's disable always causes one, an enable of a
+    /// key that was not disabled here causes none and is shared all the same, as the key
+    /// may be disabled elsewhere). Never waits.
+    pub fn share_operator(&self, pool: &KeyPool, key: &str, changes: &Changes) {
+        let disable = changes.iter().any(|c| {
+            c == StateChange::Disabled {
+                reason: DisableReason::Manual,
+            }
+        });
+        self.send_all(pool.export_operator(key, disable));
+    }
+
+    fn send_all(&self, changes: Vec<RemoteChange>) {
+        for remote in changes {
+            if self.outbox.try_send(remote).is_err() {
+                self.dropped.inc();
             }
         }
     }
@@ -297,6 +341,22 @@ async fn serve(
             return Ended::Lost;
         }
     }
+    // An operator's decisions made elsewhere meanwhile: the cluster's record holds them.
+    let pool = app.pool();
+    let reconcile = operator::reconcile(
+        &cluster.operators,
+        &cluster.replica,
+        publisher,
+        &pool,
+        clock::now(),
+    );
+    match tokio::time::timeout(REDIS_TIMEOUT, reconcile).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(changed)) => {
+            tracing::info!(replica = %cluster.replica, keys = changed, "cluster: operator disables brought up to date");
+        }
+        _ => return Ended::Lost,
+    }
     // Pub/sub does not replay: whatever the others learned while this replica was away
     // (or before it started) comes back as their answers to this hello.
     if !send(cluster, publisher, Message::hello(&cluster.replica)).await {
@@ -368,6 +428,15 @@ async fn publish(
     publisher: &mut redis::aio::MultiplexedConnection,
     change: &RemoteChange,
 ) -> bool {
+    if let Some(command) = operator::record(&cluster.operators, &cluster.replica, change) {
+        let recorded = command.query_async::<i64>(publisher);
+        if !matches!(
+            tokio::time::timeout(REDIS_TIMEOUT, recorded).await,
+            Ok(Ok(_))
+        ) {
+            return false;
+        }
+    }
     match Message::encode(&cluster.replica, change, clock::now()) {
         Some(message) => send(cluster, publisher, message).await,
         None => true,

@@ -41,8 +41,10 @@ pub enum WireState {
         /// Milliseconds to the re-check; none for an operator's disable.
         recheck_ms: Option<u64>,
     },
-    /// Back in rotation.
+    /// Back in rotation (a re-check succeeded).
     Enabled,
+    /// An operator put the key back.
+    OperatorEnabled,
     /// Refusing a model (or endpoint) for this much longer.
     ModelRefused {
         /// The model or endpoint.
@@ -105,6 +107,7 @@ impl Message {
                 recheck_ms: (*recheck_at != Time::NEVER).then(|| left(*recheck_at, now)),
             },
             SharedState::Enabled => WireState::Enabled,
+            SharedState::OperatorEnabled => WireState::OperatorEnabled,
             SharedState::Limits { requests, tokens } => WireState::Limits {
                 requests: *requests,
                 tokens: *tokens,
@@ -129,6 +132,7 @@ impl Message {
                 recheck_at: recheck_ms.map_or(Time::NEVER, at),
             },
             WireState::Enabled => SharedState::Enabled,
+            WireState::OperatorEnabled => SharedState::OperatorEnabled,
             WireState::ModelRefused { scope, rest_ms } => SharedState::ModelRefused {
                 scope,
                 until: at(rest_ms),
@@ -203,6 +207,23 @@ mod tests {
             },
         };
         assert_eq!(unknown.decode(now), None);
+    }
+
+    #[test]
+    fn an_operators_enable_is_told_apart_from_a_recheck() {
+        let now = Time::from_secs(10);
+        let change = RemoteChange {
+            key: "key-1".into(),
+            state: SharedState::OperatorEnabled,
+        };
+        let message = Message::encode("a", &change, now).expect("encodes");
+        let text = serde_json::to_string(&message).expect("serializes");
+        assert_eq!(
+            text,
+            r#"{"from":"a","key":"key-1","kind":"operator_enabled"}"#
+        );
+        let back: Message = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back.decode(now), Some(change));
     }
 
     #[test]

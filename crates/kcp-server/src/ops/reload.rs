@@ -145,6 +145,9 @@ impl AdminOps for App {
         for change in changes.iter() {
             crate::observe::access_log::log_state_change(key, &change, crate::clock::now());
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.share_operator(&App::pool(self), key, &changes);
+        }
     }
 }
 

@@ -263,7 +263,7 @@ impl Driver<'_> {
         self.retry_reason = outcome.retry_reason();
         log_changes(key, &verdict.changes, now);
         if let Some(cluster) = &self.app.cluster {
-            cluster.share(&self.pool, key, &verdict.changes, self.request.scope);
+            cluster.share_answer(&self.pool, key, verdict, self.request.scope);
         }
     }
 
