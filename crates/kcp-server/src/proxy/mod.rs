@@ -4,11 +4,13 @@
 //! One module per concept: [`model`] reads the model from the body, [`stateful`] tells which
 //! endpoints stick to a home key, [`headers`] and [`target_url`] shape the upstream request,
 //! [`attempts`] performs what kcp-core's attempt policy decides (reading each answer with
-//! [`reply`]), [`body`] streams the answer back, [`report`] sums up what happened, and
+//! [`reply`]), [`body`] streams the answer back (merging frames that arrive together,
+//! [`coalesce`]), [`report`] sums up what happened, and
 //! [`probe`] re-checks disabled keys in the background.
 
 pub mod attempts;
 pub mod body;
+pub mod coalesce;
 pub mod headers;
 pub mod model;
 pub mod probe;
