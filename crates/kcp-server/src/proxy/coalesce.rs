@@ -36,6 +36,9 @@ pub struct Coalesced<B: Body> {
     yields: u8,
     /// What the inner body returned after the held data: it goes out next.
     after: Option<After<B::Error>>,
+    /// An error follows data just sent: the connection must flush that data first (hyper
+    /// flushes when the body is `Pending`), or the client's response is cut without it.
+    flush_first: bool,
 }
 
 // No field is ever pinned: the inner body is polled through `Pin::new`, which needs it `Unpin`.
@@ -98,6 +101,7 @@ impl<B: Body<Data = Bytes> + Unpin> Coalesced<B> {
             held: Held::Nothing,
             yields: 0,
             after: None,
+            flush_first: false,
         }
     }
 
@@ -128,6 +132,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Coalesced<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
+        if this.flush_first {
+            this.flush_first = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if this.after.is_some() {
             return this.release();
         }
@@ -147,6 +156,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Coalesced<B> {
                     }
                 },
                 Poll::Ready(Some(Err(error))) => {
+                    this.flush_first = !matches!(this.held, Held::Nothing);
                     this.after = Some(After::Error(error));
                     return this.release();
                 }
@@ -312,6 +322,9 @@ mod tests {
             Poll::Ready(Some(Ok("ab".into())))
         );
         assert!(!failing.is_end_stream());
+        // One `Pending` in between, so that the connection flushes "ab" before the error
+        // aborts the response.
+        assert_eq!(poll(&mut failing, &waker), Poll::Pending);
         assert_eq!(
             poll(&mut failing, &waker),
             Poll::Ready(Some(Err("reset".into())))
