@@ -20,10 +20,6 @@ use kcp_server::observe::logging;
 use kcp_server::ops::serve::{Server, error_chain};
 use kcp_server::ops::signals::Signals;
 
-/// See the workspace Cargo.toml for why (and docs/benchmarks.md for what it saves).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
