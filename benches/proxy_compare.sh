@@ -7,9 +7,13 @@
 # Tunables (environment): DURATION (default 10s) for the throughput runs, ROUNDS (2),
 # CONNS (64), THREADS (2); LAT_DURATION (5s) for the -c1 latency runs; STREAM_DURATION (5s),
 # STREAM_CONNS (16), STREAM_CHUNKS (16) for the SSE run (STREAM_DURATION=0 skips it);
-# NGINX_WORKERS (auto); SKIP_BUILD=1 runs the binaries already built (e.g. while the tree does
-# not compile). Everything listens on 127.0.0.1 only and every process started here is
-# killed on exit. Total time with the defaults: about 2 minutes after the build.
+# EXTRA_DURATION (5s) for the extra rows (MANY_CONNS=1000 connections, request bodies of
+# BODY_SIZES="1024 65536" bytes; EXTRA_DURATION=0 skips them); READY_RUNS (5) starts of kcp
+# timed until /ready answers 200; NGINX_WORKERS (auto); SKIP_BUILD=1 runs the binaries
+# already built (e.g. while the tree does not compile); KCP_BIN runs another kcp-server
+# binary (say, a copy of the one before a change). Everything listens on 127.0.0.1 only
+# and every process started here is killed on exit. Total time with the defaults: about
+# 3 minutes after the build.
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -20,6 +24,10 @@ LAT_DURATION=${LAT_DURATION:-5s}
 STREAM_DURATION=${STREAM_DURATION:-5s}
 STREAM_CONNS=${STREAM_CONNS:-16}
 STREAM_CHUNKS=${STREAM_CHUNKS:-16}
+EXTRA_DURATION=${EXTRA_DURATION:-5s}
+MANY_CONNS=${MANY_CONNS:-1000}
+BODY_SIZES=${BODY_SIZES:-1024 65536}
+READY_RUNS=${READY_RUNS:-5}
 NGINX_WORKERS=${NGINX_WORKERS:-auto}
 WARMUP=${WARMUP:-2s}
 
@@ -58,7 +66,7 @@ else
     cargo build --release --quiet -p key-cycle-proxy --example mock_openai
 fi
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-KCP_BIN=$TARGET_DIR/release/kcp-server
+KCP_BIN=${KCP_BIN:-$TARGET_DIR/release/kcp-server}
 MOCK_BIN=$TARGET_DIR/release/examples/mock_openai
 for bin in "$KCP_BIN" "$MOCK_BIN"; do
     [ -x "$bin" ] || { echo "not built: $bin" >&2; exit 1; }
@@ -67,10 +75,12 @@ done
 # ---- helpers -------------------------------------------------------------------------------
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 and up here), where
+# the load's own client sockets would make a port that does not answer still unbindable.
 free_port() {
     local port i
     for i in $(seq 1 200); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((12000 + RANDOM % 20000))
         if ! port_open "$port"; then
             echo "$port"
             return 0
@@ -122,7 +132,8 @@ kcp_env=(
     exit 1
 }
 (cd "$TMP" && exec "${kcp_env[@]}" "$KCP_BIN" >"$TMP/kcp.out" 2>"$TMP/kcp.err") &
-PIDS+=($!)
+KCP_PID=$!
+PIDS+=("$KCP_PID")
 wait_port "$KCP_PORT" kcp-server
 log "kcp-server on 127.0.0.1:$KCP_PORT (metrics 127.0.0.1:$METRICS_PORT)"
 
@@ -137,6 +148,9 @@ error_log $TMP/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
+    # Request bodies stay in memory up to 128 KiB (kcp buffers them in memory too) rather
+    # than going to a temp file past the default 16 KiB.
+    client_body_buffer_size 128k;
     client_body_temp_path $TMP/nginx/client_body;
     proxy_temp_path $TMP/nginx/proxy;
     fastcgi_temp_path $TMP/nginx/fastcgi;
@@ -161,7 +175,8 @@ http {
 EOF
 nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" -g 'daemon off;' \
     >"$TMP/nginx/stdout" 2>&1 &
-PIDS+=($!)
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
 wait_port "$NGINX_PORT" nginx
 log "nginx ($NGINX_WORKERS workers) on 127.0.0.1:$NGINX_PORT"
 
@@ -199,6 +214,17 @@ wrk.path = "/v1/chat/completions"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '$STREAM_BODY'
 EOF
+# A chat request of exactly N bytes: the user message is padded with 'a's.
+for size in $BODY_SIZES; do
+    pad=$((size - ${#BODY}))
+    [ "$pad" -ge 0 ] || { echo "BODY_SIZES: $size is smaller than the base body" >&2; exit 1; }
+    cat >"$TMP/body-$size.lua" <<EOF
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello.' .. string.rep("a", $pad) .. '"}],"max_tokens":16}'
+EOF
+done
 
 # wrk's latency to milliseconds: "812.00us", "1.23ms", "1.02s", "2.00m".
 to_ms() {
@@ -257,13 +283,77 @@ if [ "$STREAM_DURATION" != 0 ]; then
     done
 fi
 
+# Peak resident memory (VmHWM) so far: after the JSON, -c1 and SSE runs, and again at the end.
+vm_hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+nginx_hwm_kb() {
+    local pid total=0
+    for pid in $NGINX_PID $(pgrep -P "$NGINX_PID" || true); do
+        total=$((total + $(vm_hwm_kb "$pid")))
+    done
+    echo "$total"
+}
+KCP_HWM_MAIN=$(vm_hwm_kb "$KCP_PID")
+NGINX_HWM_MAIN=$(nginx_hwm_kb)
+
+if [ "$EXTRA_DURATION" != 0 ]; then
+    log "many connections: -t$THREADS -c$MANY_CONNS -d$EXTRA_DURATION, 1 round"
+    for t in "${TARGETS[@]}"; do
+        run many "$t" "$TMP/chat.lua" "$THREADS" "$MANY_CONNS" "$EXTRA_DURATION"
+    done
+    for size in $BODY_SIZES; do
+        log "request body of $size bytes: -t$THREADS -c$CONNS -d$EXTRA_DURATION, 1 round"
+        for t in "${TARGETS[@]}"; do
+            run "body$size" "$t" "$TMP/body-$size.lua" "$THREADS" "$CONNS" "$EXTRA_DURATION"
+        done
+    done
+fi
+
+KCP_HWM=$(vm_hwm_kb "$KCP_PID")
+NGINX_HWM=$(nginx_hwm_kb)
+
+# Start to ready: a fresh kcp on its own ports, timed from the launch until GET /ready answers
+# 200 (polled over bash's /dev/tcp with no pause between tries, bounded at 10 s).
+ready_ok() { # port
+    local status
+    { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 1
+    printf 'GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' >&3
+    read -r -t 1 _ status _ <&3 || status=
+    exec 3<&-
+    [ "$status" = 200 ]
+}
+READY_MS=()
+for _ in $(seq 1 "$READY_RUNS"); do
+    rport=$(free_port)
+    rmetrics=$(free_port)
+    while [ "$rmetrics" = "$rport" ]; do rmetrics=$(free_port); done
+    started=$(date +%s%N)
+    (cd "$TMP" && exec env -i PATH="$PATH" HOME="$TMP" OPENAI_KEYS=sk-bench-1,sk-bench-2 \
+        KCP_UPSTREAM__BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" \
+        KCP_SERVER__BIND_ADDR="127.0.0.1:$rport" \
+        KCP_OBSERVABILITY__METRICS_BIND="127.0.0.1:$rmetrics" \
+        KCP_OBSERVABILITY__TRACING_LEVEL=warn "$KCP_BIN" >"$TMP/ready.out" 2>&1) &
+    rpid=$!
+    ready=0
+    while [ $(($(date +%s%N) - started)) -lt 10000000000 ]; do
+        if ready_ok "$rport"; then
+            ready=1
+            break
+        fi
+    done
+    ended=$(date +%s%N)
+    kill "$rpid" 2>/dev/null || true
+    wait "$rpid" 2>/dev/null || true
+    [ "$ready" = 1 ] || { echo "kcp did not become ready within 10 s:" >&2; cat "$TMP/ready.out" >&2; exit 1; }
+    READY_MS+=("$(awk -v d=$((ended - started)) 'BEGIN { printf "%.1f", d / 1e6 }')")
+done
+
 # ---- report --------------------------------------------------------------------------------
 # Per scenario and target: the means of req/s, p50 and p99 over the rounds, then ratios against
 # direct and of kcp against nginx.
 echo
 echo "## Results ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1))"
 echo
-awk -v conns="$CONNS" -v threads="$THREADS" -v sconns="$STREAM_CONNS" -v chunks="$STREAM_CHUNKS" '
+awk -v conns="$CONNS" -v threads="$THREADS" -v sconns="$STREAM_CONNS" -v chunks="$STREAM_CHUNKS" -v many="$MANY_CONNS" '
     {
         k = $1 SUBSEP $2
         n[k]++; rps[k] += $3; p50[k] += $4; p99[k] += $5; bad[k] += $6; err[k] += $7
@@ -274,10 +364,12 @@ awk -v conns="$CONNS" -v threads="$THREADS" -v sconns="$STREAM_CONNS" -v chunks=
         label["load"] = sprintf("throughput (-t%s -c%s)", threads, conns)
         label["c1"] = "latency (-t1 -c1)"
         label["sse"] = sprintf("SSE %s chunks (-t%s -c%s)", chunks, threads, sconns)
+        label["many"] = sprintf("many connections (-t%s -c%s)", threads, many)
         printf "| scenario | target | req/s | p50 ms | p99 ms | non-2xx | socket errors |\n"
         printf "|---|---|---:|---:|---:|---:|---:|\n"
         for (i = 1; i <= m; i++) {
             s = order[i]
+            if (!(s in label)) label[s] = sprintf("body %s B (-t%s -c%s)", substr(s, 5), threads, conns)
             split("direct kcp nginx", ts, " ")
             for (j = 1; j <= 3; j++) {
                 k = s SUBSEP ts[j]
@@ -297,6 +389,13 @@ awk -v conns="$CONNS" -v threads="$THREADS" -v sconns="$STREAM_CONNS" -v chunks=
             printf "\nAdded latency per request at -c1, vs direct: p50 kcp %+.0f us, nginx %+.0f us; mean (1/req/s) kcp %+.0f us, nginx %+.0f us\n", (P50["c1","kcp"] - P50["c1","direct"]) * 1000, (P50["c1","nginx"] - P50["c1","direct"]) * 1000, (1 / R["c1","kcp"] - 1 / R["c1","direct"]) * 1e6, (1 / R["c1","nginx"] - 1 / R["c1","direct"]) * 1e6
         }
     }' "$RESULTS"
+
+echo
+awk -v k="$KCP_HWM_MAIN" -v n="$NGINX_HWM_MAIN" -v K="$KCP_HWM" -v N="$NGINX_HWM" 'BEGIN {
+    printf "Peak RSS (VmHWM) after the throughput, -c1 and SSE runs: kcp %.1f MB, nginx master + workers %.1f MB\n", k / 1024, n / 1024
+    printf "Peak RSS (VmHWM) after the extra rows (many connections, large bodies): kcp %.1f MB, nginx %.1f MB\n", K / 1024, N / 1024 }'
+printf '%s\n' "${READY_MS[@]}" | sort -n | awk '{ v[NR] = $1 } END {
+    printf "kcp start to ready (launch until GET /ready answers 200), %d starts: median %s ms, min %s ms, max %s ms\n", NR, v[int((NR + 1) / 2)], v[1], v[NR] }'
 
 # ---- what kcp saw --------------------------------------------------------------------------
 echo

@@ -1,7 +1,8 @@
 //! The body of every response the proxy sends: its own small JSON, or the upstream's stream.
 //!
-//! Upstream bodies (SSE or not) pass frame by frame as they arrive: nothing is buffered, so
-//! a streamed completion reaches the client token by token. If the client goes away, hyper
+//! Upstream bodies (SSE or not) pass as they arrive: nothing waits for more data, so a
+//! streamed completion reaches the client token by token; frames that arrive back to back
+//! go out in one write ([`super::coalesce`]). If the client goes away, hyper
 //! drops this body, which drops the upstream response and with it the upstream request. If
 //! the upstream fails mid-stream, the error is passed on, and hyper aborts the client's
 //! response (HTTP/1.1: the connection closes before the final chunk; h2: `RST_STREAM`), so
@@ -27,6 +28,7 @@ use http_body_util::Full;
 use kcp_core::KeyId;
 use kcp_upstream::{ResponseBody, UpstreamError};
 
+use super::coalesce::Coalesced;
 use crate::edge::overload::InflightGuard;
 use crate::observe::Exchange;
 use crate::observe::access_log::BodyEnd;
@@ -47,14 +49,21 @@ pub struct ProxyBody {
 #[derive(Debug)]
 enum Kind {
     Full(Full<Bytes>),
-    Upstream { body: ResponseBody, key: KeyId },
+    /// Boxed: the stream's state is several times the size of a small answer's.
+    Upstream {
+        body: Box<Coalesced<ResponseBody>>,
+        key: KeyId,
+    },
 }
 
 impl ProxyBody {
     /// The upstream's body, streamed as it arrives; `key` names the key in failure logs.
     pub fn upstream(body: ResponseBody, key: KeyId) -> Self {
         ProxyBody {
-            kind: Kind::Upstream { body, key },
+            kind: Kind::Upstream {
+                body: Box::new(Coalesced::new(body)),
+                key,
+            },
             exchange: None,
             admitted: None,
             active: None,
@@ -130,7 +139,7 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(|never: Infallible| match never {}))),
             Kind::Upstream { body, key } => {
-                let polled = Pin::new(body).poll_frame(cx);
+                let polled = Pin::new(&mut **body).poll_frame(cx);
                 if let Poll::Ready(Some(Err(error))) = &polled {
                     let _request = this.exchange.as_ref().map(|e| e.span().enter());
                     tracing::warn!(

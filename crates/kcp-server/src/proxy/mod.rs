@@ -4,12 +4,13 @@
 //! One module per concept: [`model`] reads the model from the body, [`stateful`] tells which
 //! endpoints stick to a home key, [`headers`] and [`target_url`] shape the upstream request,
 //! [`attempts`] performs what kcp-core's attempt policy decides (reading each answer with
-//! [`reply`]), [`body`] streams the answer back, [`report`] sums up what happened,
-//! [`probe`] re-checks disabled keys in the background, and [`realtime`] relays WebSocket
-//! sessions.
+//! [`reply`]), [`body`] streams the answer back (merging frames that arrive together,
+//! [`coalesce`]), [`report`] sums up what happened, [`probe`] re-checks disabled keys in the
+//! background, and [`realtime`] relays WebSocket sessions.
 
 pub mod attempts;
 pub mod body;
+pub mod coalesce;
 pub mod headers;
 pub mod model;
 pub mod probe;

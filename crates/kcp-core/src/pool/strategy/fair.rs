@@ -54,7 +54,9 @@ impl KeyPool {
         while step < n {
             let mut len = 0;
             while step < n && len < FAIR_WINDOW {
-                let index = keys[(start + step) % n];
+                // `start + step` is below `2n`: one subtraction instead of a division.
+                let at = start + step;
+                let index = keys[if at < n { at } else { at - n }];
                 step += 1;
                 if tier.admits(index) {
                     window[len] = (self.tag(index, vtime, lead), index);
