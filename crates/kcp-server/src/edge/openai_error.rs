@@ -327,4 +327,28 @@ mod retry_after_tests {
         assert_eq!(headers(Duration::ZERO), ("1".into(), "1".into()));
         assert_eq!(headers(Duration::from_micros(1)), ("1".into(), "1".into()));
     }
+
+    /// The seconds a message quotes: whole seconds as they are, a fraction rounded up.
+    fn quoted(error: &OpenAiError) -> &str {
+        let at = error.message.find("about ").expect("quotes a wait") + "about ".len();
+        let rest = &error.message[at..];
+        &rest[..rest.find(' ').expect("a unit follows")]
+    }
+
+    #[test]
+    fn messages_quote_the_wait_rounded_up() {
+        for (wait, secs) in [
+            (Duration::from_secs(2), "2"),
+            (Duration::from_millis(2_500), "3"),
+            (Duration::from_nanos(1), "1"),
+            (Duration::ZERO, "1"),
+        ] {
+            assert_eq!(quoted(&OpenAiError::all_keys_busy(wait)), secs, "{wait:?}");
+            assert_eq!(
+                quoted(&OpenAiError::provider_unreachable(wait)),
+                secs,
+                "{wait:?}"
+            );
+        }
+    }
 }
