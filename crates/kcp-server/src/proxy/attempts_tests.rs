@@ -425,3 +425,21 @@ async fn an_abandoned_request_leaves_its_report_behind() {
         "the upstream call is dropped with the request"
     );
 }
+
+#[test]
+fn every_retry_setting_comes_from_the_config() {
+    let config = config(|c| {
+        c.upstream.retry_initial_backoff_ms = 7;
+        c.upstream.retry_max_backoff_ms = 70;
+        c.rate_limit.max_wait_ms = 1_234;
+    });
+    let policy = super::retry_policy(&config);
+    assert_eq!(policy.backoff.initial, Duration::from_millis(7));
+    assert_eq!(policy.backoff.max, Duration::from_millis(70));
+    assert_eq!(policy.max_wait, Duration::from_millis(1_234));
+    assert_eq!(
+        policy.max_unavailable_rest,
+        Duration::from_millis(70),
+        "a provider's rest is capped like a backoff"
+    );
+}
