@@ -303,3 +303,52 @@ mod tests {
         assert!(OpenAiError::model_not_found(&model).message.len() < 300);
     }
 }
+
+/// `Retry-After` rounding at its edges.
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    fn headers(wait: Duration) -> (String, String) {
+        let response: Response<Full<Bytes>> = OpenAiError::overloaded(0)
+            .retry_after_exactly(wait)
+            .into_response();
+        let header = |name: &str| response.headers()[name].to_str().expect("ascii").to_owned();
+        (header("retry-after"), header("retry-after-ms"))
+    }
+
+    #[test]
+    fn whole_seconds_are_sent_as_they_are_and_a_fraction_rounds_up() {
+        assert_eq!(headers(Duration::from_secs(2)), ("2".into(), "2000".into()));
+        assert_eq!(
+            headers(Duration::from_secs(2) + Duration::from_nanos(1)),
+            ("3".into(), "2001".into())
+        );
+        assert_eq!(headers(Duration::ZERO), ("1".into(), "1".into()));
+        assert_eq!(headers(Duration::from_micros(1)), ("1".into(), "1".into()));
+    }
+
+    /// The seconds a message quotes: whole seconds as they are, a fraction rounded up.
+    fn quoted(error: &OpenAiError) -> &str {
+        let at = error.message.find("about ").expect("quotes a wait") + "about ".len();
+        let rest = &error.message[at..];
+        &rest[..rest.find(' ').expect("a unit follows")]
+    }
+
+    #[test]
+    fn messages_quote_the_wait_rounded_up() {
+        for (wait, secs) in [
+            (Duration::from_secs(2), "2"),
+            (Duration::from_millis(2_500), "3"),
+            (Duration::from_nanos(1), "1"),
+            (Duration::ZERO, "1"),
+        ] {
+            assert_eq!(quoted(&OpenAiError::all_keys_busy(wait)), secs, "{wait:?}");
+            assert_eq!(
+                quoted(&OpenAiError::provider_unreachable(wait)),
+                secs,
+                "{wait:?}"
+            );
+        }
+    }
+}

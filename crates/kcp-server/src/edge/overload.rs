@@ -198,3 +198,17 @@ mod tests {
         assert_eq!(err.retry_after, Some(std::time::Duration::from_secs(1)));
     }
 }
+
+/// What the app's `Debug` output shows of the limit (`App` derives `Debug`).
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_the_count_and_the_cap() {
+        let limit = InflightLimit::new(2);
+        let guard = limit.try_enter().expect("room");
+        assert_eq!(format!("{limit:?}"), "InflightLimit { current: 1, max: 2 }");
+        assert_eq!(format!("{guard:?}"), "InflightGuard");
+    }
+}

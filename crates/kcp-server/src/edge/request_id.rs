@@ -192,3 +192,17 @@ mod tests {
         assert_eq!(CLIENT_HEADER.as_str(), "x-request-id");
     }
 }
+
+/// The id in `Debug` output (a request's context derives `Debug`).
+#[cfg(test)]
+mod debug_tests {
+    use http::HeaderValue;
+
+    use super::RequestId;
+
+    #[test]
+    fn debug_names_the_id() {
+        let id = RequestId::from_client(&HeaderValue::from_static("req-1")).expect("sane");
+        assert_eq!(format!("{id:?}"), "RequestId(req-1)");
+    }
+}

@@ -468,3 +468,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "attempts_tests.rs"]
+mod driver_tests;

@@ -251,3 +251,7 @@ mod tests {
         assert_eq!(mask_keys(&clean), clean);
     }
 }
+
+#[cfg(test)]
+#[path = "reply_tests.rs"]
+mod read_tests;
