@@ -27,14 +27,8 @@ use key_cycle_proxy::server::config;
 use key_cycle_proxy::server::observe::logging;
 use support::observe::{Captured, capture_logs, scrape};
 use support::proxy_harness::{Proxy, Reply, closed_port_url, read, send_with, start_app};
+use support::secrets::{assert_absent, chain, record, secret};
 use support::{Behaviour, MockUpstream};
-
-/// A distinctive secret: `prefix-SECRET-tag-<16 random hex digits>`.
-fn secret(prefix: &str, tag: &str) -> String {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write(tag.as_bytes());
-    format!("{prefix}-SECRET-{tag}-{:016x}", hasher.finish())
-}
 
 /// Every secret of the scenario, and everything a secret must never reach.
 #[derive(Default)]
@@ -88,27 +82,6 @@ impl Evidence {
             assert_absent(place, text, &self.secrets);
         }
     }
-}
-
-/// Fails with the offending line if any of `secrets` is in `text`.
-fn assert_absent(place: &str, text: &str, secrets: &[String]) {
-    for secret in secrets {
-        if let Some(at) = text.find(secret.as_str()) {
-            let from = text[..at].rfind('\n').map_or(0, |n| n + 1);
-            let to = text[at..].find('\n').map_or(text.len(), |n| at + n);
-            panic!("{place} leak {secret:?}:\n{}", &text[from..to]);
-        }
-    }
-}
-
-fn record(into: &mut String, reply: &Reply) {
-    let _ = writeln!(
-        into,
-        "{} {:?}\n{}",
-        reply.status,
-        reply.headers,
-        String::from_utf8_lossy(&reply.body)
-    );
 }
 
 /// The scenario's keys and the config file that lists them.
@@ -540,17 +513,6 @@ fn broken_configs(setup: &Setup) -> Vec<(&'static str, String)> {
             ),
         ),
     ]
-}
-
-/// An error and its sources, as `main` prints them.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = format!("{error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause} / {cause:?}");
-        source = cause.source();
-    }
-    text
 }
 
 /// The capture is real: JSON lines at trace level from the proxy, the HTTP stack and rustls.

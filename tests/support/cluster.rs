@@ -22,10 +22,21 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// `--requirepass`, if the server asks for one.
+    password: Option<String>,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
+        Redis::start_with(None).await
+    }
+
+    /// A server that asks clients for `password` (`--requirepass`).
+    pub async fn start_with_password(password: &str) -> Redis {
+        Redis::start_with(Some(password.to_owned())).await
+    }
+
+    async fn start_with(password: Option<String>) -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -36,6 +47,7 @@ impl Redis {
             port,
             dir,
             child: None,
+            password,
         };
         redis.restart().await;
         redis
@@ -43,23 +55,35 @@ impl Redis {
 
     /// Starts the server (again) on its port and waits until it answers PING.
     pub async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&self.dir)
+            .arg(&self.dir);
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (Debian package redis-server; .ci/run installs it)");
         self.child = Some(child);
         let port = self.port;
+        let (ping, pong) = match &self.password {
+            None => ("PING\r\n".to_owned(), b"+PONG\r\n".to_vec()),
+            Some(password) => (
+                format!("AUTH {password}\r\nPING\r\n"),
+                b"+OK\r\n+PONG\r\n".to_vec(),
+            ),
+        };
         let ready = async move {
             loop {
                 if let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    let mut answer = [0u8; 7];
-                    if tcp.write_all(b"PING\r\n").await.is_ok()
+                    let mut answer = vec![0u8; pong.len()];
+                    if tcp.write_all(ping.as_bytes()).await.is_ok()
                         && tcp.read_exact(&mut answer).await.is_ok()
-                        && &answer == b"+PONG\r\n"
+                        && answer == pong
                     {
                         return;
                     }
@@ -102,8 +126,14 @@ impl Redis {
         }
     }
 
+    /// The url without credentials (a password-protected server refuses its clients).
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The url with `password` in it: `redis://:password@127.0.0.1:port`.
+    pub fn url_with_password(&self, password: &str) -> String {
+        format!("redis://:{password}@127.0.0.1:{}", self.port)
     }
 }
 

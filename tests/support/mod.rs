@@ -10,6 +10,7 @@
 //! - [`cluster`]: a real `redis-server` on a free loopback port and replicas sharing it.
 //! - [`python`]: the official OpenAI Python SDK, run as a child process.
 //! - [`realtime`]: a WebSocket echo upstream and client, for the Realtime API.
+//! - [`secrets`]: distinctive secrets and the checks that none leaked, for the leak tests.
 #![allow(dead_code, unused_imports)]
 
 pub mod config_file;
@@ -22,6 +23,7 @@ pub mod proxy_harness;
 pub mod python;
 pub mod raw;
 pub mod realtime;
+pub mod secrets;
 pub mod time;
 
 pub use keys::{KEY_A, KEY_B, KEY_C, one_key, routed_keys, three_keys, two_keys};

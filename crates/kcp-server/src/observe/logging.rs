@@ -100,14 +100,24 @@ pub fn effective_filter(level: &str, rust_log: Option<&str>) -> String {
         .to_owned()
 }
 
-/// Parses filter directives.
+/// Targets capped below `trace` whatever the directives say, because their trace lines print
+/// secrets: tungstenite's WebSocket client logs its whole handshake request, the pool key's
+/// `Authorization` or `api-key` header included (the Realtime route's upstream handshake).
+pub const CAPPED: [&str; 1] = ["tungstenite::handshake::client=debug"];
+
+/// Parses filter directives, then applies [`CAPPED`] (which win over the directives given).
 pub fn filter(directives: &str) -> Result<EnvFilter, LoggingError> {
-    EnvFilter::builder()
-        .parse(directives)
-        .map_err(|source| LoggingError::Filter {
-            filter: directives.to_owned(),
-            source,
-        })
+    let mut filter =
+        EnvFilter::builder()
+            .parse(directives)
+            .map_err(|source| LoggingError::Filter {
+                filter: directives.to_owned(),
+                source,
+            })?;
+    for cap in CAPPED {
+        filter = filter.add_directive(cap.parse().expect("CAPPED directives parse"));
+    }
+    Ok(filter)
 }
 
 /// The formatting layer of `format`, writing to `writer`, without ANSI colours.
@@ -241,6 +251,28 @@ mod tests {
         assert!(filter("kcp_server=debug,kcp::access=off,warn").is_ok());
         let err = filter("kcp_server=loud").expect_err("not a level");
         assert!(err.to_string().contains("kcp_server=loud"), "{err}");
+    }
+
+    #[test]
+    fn the_websocket_client_handshake_never_logs_at_trace() {
+        for directives in ["trace", "tungstenite::handshake::client=trace,info"] {
+            let ((), logs) = Captured::run(directives, LogFormat::Json, || {
+                tracing::trace!(target: "tungstenite::handshake::client", "Request: secret");
+                tracing::debug!(target: "tungstenite::handshake::client", "done");
+                tracing::trace!(target: "tungstenite::protocol", "frame");
+            });
+            let messages: Vec<_> = logs
+                .json_lines()
+                .into_iter()
+                .map(|line| line["message"].clone())
+                .collect();
+            let expected: &[&str] = if directives == "trace" {
+                &["done", "frame"]
+            } else {
+                &["done"]
+            };
+            assert_eq!(messages, expected, "{directives}");
+        }
     }
 
     #[test]

@@ -62,7 +62,6 @@ pub struct Upstream {
 }
 
 /// What the client asked for.
-#[derive(Debug)]
 pub struct Wanted<'a> {
     /// `/v1/realtime?...` as the client sent it.
     pub path_and_query: &'a str,
@@ -70,6 +69,16 @@ pub struct Wanted<'a> {
     pub model: &'a str,
     /// The client's request headers.
     pub headers: &'a HeaderMap,
+}
+
+/// Without the client's headers: they carry its token.
+impl std::fmt::Debug for Wanted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wanted")
+            .field("path_and_query", &self.path_and_query)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Opens the upstream session with as many keys as the error classes allow.
@@ -150,7 +159,8 @@ enum Tried {
 /// An answer the client may get instead of a session.
 #[derive(Debug)]
 enum Refusal {
-    /// The upstream's own answer to the handshake.
+    /// The upstream's own answer to the handshake, its body already without keys
+    /// ([`without_key`]).
     Upstream {
         status: StatusCode,
         body: Bytes,
@@ -170,7 +180,7 @@ impl Refusal {
                 content_type,
                 ..
             } => {
-                let mut response = Response::new(ProxyBody::from(mask_keys(&body)));
+                let mut response = Response::new(ProxyBody::from(body));
                 *response.status_mut() = status;
                 if let Some(content_type) = content_type {
                     response
@@ -255,6 +265,7 @@ impl Tries<'_> {
                 let (parts, body) = response.into_parts();
                 let body = Bytes::from(body.unwrap_or_default());
                 let fields = ErrorFields::parse(&body);
+                let body = without_key(&body, lease.spec().secret.expose());
                 let limits = limits_of(&parts.headers);
                 let organization = parts
                     .headers
@@ -327,6 +338,29 @@ impl Tries<'_> {
         }
         outcome.retry_reason()
     }
+}
+
+/// A refusal's body as a client may see it: without `sk-` keys ([`mask_keys`]) and without
+/// the key it refused, whatever its form (an Azure key has no prefix), masked once read
+/// so that neither the client nor a `Debug` of the refusal gets it.
+fn without_key(body: &Bytes, secret: &str) -> Bytes {
+    let masked = mask_keys(body);
+    let secret = secret.as_bytes();
+    if secret.is_empty() || !masked.windows(secret.len()).any(|w| w == secret) {
+        return masked;
+    }
+    let mut out = Vec::with_capacity(masked.len());
+    let mut rest = &masked[..];
+    while !rest.is_empty() {
+        if rest.starts_with(secret) {
+            out.extend_from_slice(b"***");
+            rest = &rest[secret.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    Bytes::from(out)
 }
 
 /// The rate-limit headers of a handshake's answer.
@@ -507,6 +541,39 @@ mod tests {
         for (spec, url) in cases {
             assert_eq!(upstream_url(&spec, query, model).as_deref(), Some(url));
         }
+    }
+
+    #[test]
+    fn a_refusal_body_loses_the_refused_key_whatever_its_form() {
+        let body = Bytes::from_static(
+            br#"{"error":{"message":"Incorrect API key provided: 3f9a0c77e1. Also sk-proj-ab_12."}}"#,
+        );
+        assert_eq!(
+            without_key(&body, "3f9a0c77e1"),
+            Bytes::from_static(
+                br#"{"error":{"message":"Incorrect API key provided: ***. Also sk-***."}}"#
+            )
+        );
+        assert_eq!(without_key(&body, ""), mask_keys(&body));
+        let twice = Bytes::from_static(b"k1k1-k1");
+        assert_eq!(without_key(&twice, "k1"), Bytes::from_static(b"******-***"));
+    }
+
+    #[test]
+    fn a_wanted_session_shows_no_client_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client-token-77"),
+        );
+        let wanted = Wanted {
+            path_and_query: "/v1/realtime?model=m",
+            model: "m",
+            headers: &headers,
+        };
+        let shown = format!("{wanted:?}");
+        assert!(!shown.contains("client-token-77"), "{shown}");
+        assert!(shown.contains("/v1/realtime?model=m"), "{shown}");
     }
 
     #[test]
