@@ -1,5 +1,5 @@
 //! The official OpenAI Python SDK, run as a child process: the venv `.ci/run tools` creates
-//! (`KCP_PYTHON`, else `target/python-sdk-venv/bin/python`) and the scripts in
+//! (`OPENAI_SDK_PYTHON`, else `target/python-sdk-venv/bin/python`) and the scripts in
 //! `tests/python/`. A test that needs it fails, naming the setup, when it is missing.
 
 use std::path::PathBuf;
@@ -10,16 +10,16 @@ use serde_json::Value;
 /// Bound on one script run (Python's start-up included).
 pub const SDK_WAIT: Duration = Duration::from_secs(120);
 
-/// The venv's interpreter: `KCP_PYTHON`, else the venv `.ci/run tools` creates.
+/// The venv's interpreter: `OPENAI_SDK_PYTHON`, else the venv `.ci/run tools` creates.
 pub fn python() -> PathBuf {
-    let python = std::env::var_os("KCP_PYTHON").map_or_else(
+    let python = std::env::var_os("OPENAI_SDK_PYTHON").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/python-sdk-venv/bin/python"),
         PathBuf::from,
     );
     assert!(
         python.exists(),
         "no Python with the OpenAI SDK at {}: run `bash .ci/run tools` (or see docs/testing.md), \
-         or point KCP_PYTHON at a python that has `openai[realtime]` installed",
+         or point OPENAI_SDK_PYTHON at a python that has `openai[realtime]` installed",
         python.display()
     );
     python
