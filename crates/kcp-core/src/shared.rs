@@ -935,5 +935,17 @@ mod tests {
             }]
         );
         assert!(a.export_rest(&id, t + Duration::from_secs(7)).is_empty());
+        // A joining replica hears of the rest until, not at, its end.
+        let cooling = |now| {
+            a.export_all(now)
+                .into_iter()
+                .filter(|c| matches!(c.state, SharedState::Cooling { .. }))
+                .count()
+        };
+        assert_eq!(
+            cooling(t + Duration::from_secs(7) - Duration::from_nanos(1)),
+            1
+        );
+        assert_eq!(cooling(t + Duration::from_secs(7)), 0);
     }
 }
