@@ -477,4 +477,72 @@ mod tests {
             Err(NoKey::Busy { until: free })
         );
     }
+
+    #[test]
+    fn while_a_circuits_trial_is_under_way_others_hear_soon_not_never() {
+        let p = pool(&["a"]);
+        let reopen = open_circuit(&p, "a", T);
+        let mut rng = SplitMix64::new(5);
+        let trial = p
+            .select(&Demand::default(), reopen, &mut rng)
+            .expect("the trial");
+        let later = reopen + Duration::from_millis(300);
+        assert_eq!(
+            select(&p, later, Duration::ZERO),
+            Err(NoKey::Unreachable {
+                until: later + super::PENDING_WAIT
+            })
+        );
+        drop(trial);
+    }
+
+    #[test]
+    fn a_throttled_group_frees_a_probes_round_trip_after_its_rest() {
+        let p = pool(&["a", "b", "c"]);
+        let mut rng = SplitMix64::new(5);
+        for _ in 0..3 {
+            let lease = p.select(&Demand::default(), T, &mut rng).expect("free");
+            lease.learn_organization("org-shared");
+            lease.record(Outcome::Cancelled, T);
+        }
+        let mut group_until = None;
+        for _ in 0..3 {
+            let Ok(lease) = p.select(&Demand::default(), T, &mut rng) else {
+                break;
+            };
+            for c in lease
+                .record(
+                    Outcome::RateLimited {
+                        limits: RateLimitHeaders::default(),
+                    },
+                    T,
+                )
+                .iter()
+            {
+                if let StateChange::GroupThrottled { until } = c {
+                    group_until = Some(until);
+                }
+            }
+        }
+        let group_until = group_until.expect("throttled");
+        assert_eq!(
+            select(&p, T, Duration::ZERO),
+            Err(NoKey::Busy {
+                until: group_until + super::PENDING_WAIT
+            })
+        );
+        // At its end one request probes the group; while it is under way, the others hear
+        // "a probe's round trip from now".
+        let probe = p
+            .select(&Demand::default(), group_until, &mut rng)
+            .expect("the group's probe");
+        let later = group_until + Duration::from_millis(300);
+        assert_eq!(
+            select(&p, later, Duration::ZERO),
+            Err(NoKey::Busy {
+                until: later + super::PENDING_WAIT
+            })
+        );
+        drop(probe);
+    }
 }
