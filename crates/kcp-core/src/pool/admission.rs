@@ -426,20 +426,31 @@ mod tests {
 
     #[test]
     fn an_unreachable_pool_says_when_its_first_circuit_lets_a_trial_through() {
-        let later = T + Duration::from_secs(1);
-        for first in ["a", "b"] {
-            let second = if first == "a" { "b" } else { "a" };
-            let p = pool(&["a", "b"]);
-            let early = open_circuit(&p, first, T);
-            let late = open_circuit(&p, second, later);
-            assert!(early < late);
-            // The gate keeps deadlines at odd nanoseconds (its low bit marks a trial).
-            let Err(NoKey::Unreachable { until }) = select(&p, later, Duration::ZERO) else {
-                panic!("both circuits are open")
+        // Every order of opening, so that the first circuit to reopen is sometimes looked at
+        // first and sometimes last.
+        let orders = [
+            ["a", "b", "c"],
+            ["a", "c", "b"],
+            ["b", "a", "c"],
+            ["b", "c", "a"],
+            ["c", "a", "b"],
+            ["c", "b", "a"],
+        ];
+        for order in orders {
+            let p = pool(&["a", "b", "c"]);
+            let mut reopen = Vec::new();
+            for (i, name) in (0u64..).zip(order) {
+                reopen.push(open_circuit(&p, name, T + Duration::from_millis(500 * i)));
+            }
+            let first = *reopen.iter().min().expect("three circuits");
+            let now = T + Duration::from_secs(1);
+            // The gate keeps deadlines at even nanoseconds (its low bit marks a trial).
+            let Err(NoKey::Unreachable { until }) = select(&p, now, Duration::ZERO) else {
+                panic!("every circuit is open")
             };
             assert!(
-                until.max(early).saturating_since(until.min(early)) <= Duration::from_nanos(1),
-                "{first} opened first: {until:?}, not {early:?} (or {late:?})"
+                until.max(first).saturating_since(until.min(first)) <= Duration::from_nanos(1),
+                "opened in the order {order:?}: {until:?}, not {first:?} of {reopen:?}"
             );
         }
     }
