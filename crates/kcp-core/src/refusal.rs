@@ -123,6 +123,12 @@ mod tests {
         assert_eq!(r.refuses("gpt-4o", t), Some(t + FIRST_REST));
         assert_eq!(r.refuses("gpt-4o-mini", t), None);
         assert_eq!(r.refuses("gpt-4o", t + FIRST_REST), None, "re-check due");
+        let just_before = t + FIRST_REST - Duration::from_nanos(1);
+        assert_eq!(
+            r.active(just_before),
+            vec![("gpt-4o".to_owned(), t + FIRST_REST)]
+        );
+        assert!(r.active(t + FIRST_REST).is_empty(), "over at its end");
     }
 
     #[test]

@@ -935,5 +935,82 @@ mod tests {
             }]
         );
         assert!(a.export_rest(&id, t + Duration::from_secs(7)).is_empty());
+        // A joining replica hears of the rest until, not at, its end.
+        let cooling = |now| {
+            a.export_all(now)
+                .into_iter()
+                .filter(|c| matches!(c.state, SharedState::Cooling { .. }))
+                .count()
+        };
+        assert_eq!(
+            cooling(t + Duration::from_secs(7) - Duration::from_nanos(1)),
+            1
+        );
+        assert_eq!(cooling(t + Duration::from_secs(7)), 0);
+    }
+
+    #[test]
+    fn a_remote_disable_of_a_key_disabled_here_keeps_the_later_recheck() {
+        let t = Time::from_secs(100);
+        let b = pool(&["sk-a"]);
+        let disable = |secs| RemoteChange {
+            key: Secret::new("sk-a").fingerprint(),
+            state: SharedState::Disabled {
+                reason: DisableReason::Unauthorized,
+                recheck_at: t + Duration::from_secs(secs),
+            },
+        };
+        b.apply_remote(&disable(60), t);
+        assert_eq!(status_of(&b, "sk-a", t).next_probe_secs, Some(60.0));
+        b.apply_remote(&disable(300), t);
+        assert_eq!(status_of(&b, "sk-a", t).next_probe_secs, Some(300.0));
+        b.apply_remote(&disable(120), t);
+        assert_eq!(
+            status_of(&b, "sk-a", t).next_probe_secs,
+            Some(300.0),
+            "the later re-check wins"
+        );
+    }
+
+    #[test]
+    fn remote_refusals_keep_each_scope_and_one_ending_now_marks_nothing() {
+        let t = Time::from_secs(100);
+        let b = pool(&["sk-a"]);
+        let state = &b.keys()[0].state;
+        let refuse = |scope: &str, until| SharedState::ModelRefused {
+            scope: scope.to_owned(),
+            until,
+        };
+        let (m1, m2) = (t + Duration::from_secs(60), t + Duration::from_secs(30));
+        state.apply_remote(&refuse("m1", m1), t);
+        state.apply_remote(&refuse("m2", m2), t);
+        assert_eq!(
+            state.refusals.active(t),
+            vec![("m1".to_owned(), m1), ("m2".to_owned(), m2)]
+        );
+        // A mark ending now is no mark: a refusal here now starts a fresh first rest
+        // rather than doubling one.
+        state.apply_remote(&refuse("m3", t), t);
+        assert_eq!(state.refusals.refused("m3", t), t + FIRST_REST);
+    }
+
+    #[test]
+    fn a_limit_heard_from_another_replica_paces_the_key_here() {
+        let t = Time::from_secs(100);
+        let b = pool(&["sk-a"]);
+        assert_eq!(status_of(&b, "sk-a", t).limits.pace_rps, None);
+        b.apply_remote(
+            &RemoteChange {
+                key: Secret::new("sk-a").fingerprint(),
+                state: SharedState::Limits {
+                    requests: Some(600),
+                    tokens: None,
+                },
+            },
+            t,
+        );
+        let snap = status_of(&b, "sk-a", t);
+        assert_eq!(snap.limits.limit_requests, Some(600));
+        assert_eq!(snap.limits.pace_rps, Some(10.0));
     }
 }

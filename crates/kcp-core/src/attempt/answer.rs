@@ -332,6 +332,10 @@ mod tests {
                 "Country, region, or territory not supported",
             ),
             (None, "You are not allowed to sample from this model"),
+            // About the account, but refusing nothing about it.
+            (None, "Your account does not have access to this feature."),
+            // A refusal word, but not about the key or its account.
+            (None, "Invalid scope for this request."),
             (None, ""),
         ] {
             assert_eq!(
@@ -431,6 +435,12 @@ mod tests {
     fn numbers_are_read_after_their_label() {
         assert_eq!(number_after("Limit 1,000, x", "Limit "), Some(1000));
         assert_eq!(number_after("Limit x", "Limit "), None);
+        assert_eq!(
+            number_after("Limit ,5", "Limit "),
+            None,
+            "a separator only between digits"
+        );
+        assert_eq!(number_after("Limit 1_000_", "Limit "), Some(1000));
         assert_eq!(number_after("no label", "Limit "), None);
         assert_eq!(
             number_after("Limit 99999999999999999999999", "Limit "),

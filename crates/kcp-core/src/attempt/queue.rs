@@ -149,6 +149,8 @@ mod tests {
         let c = DelayControl::default();
         let a = queue.enter(Time::ZERO, SHORT, c).expect("first");
         let b = queue.enter(Time::ZERO, SHORT, c).expect("second");
+        assert_eq!(queue.len(), 2);
+        assert!(!queue.is_empty());
         assert!(queue.is_full());
         assert!(queue.enter(Time::ZERO, SHORT, c).is_none());
         drop(a);

@@ -707,3 +707,258 @@ fn a_request_larger_than_a_keys_token_limit_never_goes_to_it() {
         (0, End::GaveUp(GiveUp::TooLarge))
     );
 }
+
+/// A source of randomness that always draws its largest value: a backoff is then just below
+/// its ceiling, so which retry's ceiling applies shows.
+struct Highest;
+
+impl Random for Highest {
+    fn next_u64(&mut self) -> u64 {
+        u64::MAX
+    }
+}
+
+#[test]
+fn each_retry_sleeps_below_its_own_ceiling_and_every_call_is_counted() {
+    let p = pool(&["a"]);
+    let policy = RetryPolicy::default();
+    let queue = WaitQueue::new(policy.max_queue);
+    let mut attempt = Attempt::new(post("m"), policy);
+    let mut slept = Vec::new();
+    let mut now = T0;
+    let end = loop {
+        match attempt.next(&p, &queue, now, &mut Highest) {
+            Next::Send(lease) => {
+                let verdict = attempt.on_answer(lease, &status(500), now);
+                assert_eq!(verdict.action, Action::Keep);
+            }
+            Next::Sleep(d) => {
+                slept.push(d);
+                now = now + d;
+            }
+            other => break other,
+        }
+        assert!(slept.len() <= 10, "bounded");
+    };
+    assert!(matches!(end, Next::GiveUp(GiveUp::LastAnswer)), "{end:?}");
+    // Retry n (from 0) sleeps just below ceiling(n): 50, 100, 200 ms.
+    let ceilings: Vec<Duration> = (0..3).map(|r| policy.backoff.ceiling(r)).collect();
+    assert_eq!(slept.len(), 3);
+    for (d, c) in slept.iter().zip(&ceilings) {
+        assert!(
+            *d <= *c && *d > *c - Duration::from_millis(1),
+            "{d:?} vs {c:?}"
+        );
+    }
+    let stats = attempt.stats();
+    assert_eq!(stats.calls, 4, "the first call and three retries");
+    assert_eq!(stats.retries, 3);
+    assert_eq!(stats.backoff, slept.iter().sum::<Duration>());
+}
+
+#[test]
+fn a_home_request_whose_model_is_refused_gets_the_answer_after_one_call() {
+    let p = pool(&["a", "b"]);
+    let home = ClientRequest {
+        home: true,
+        ..post("m")
+    };
+    let run = drive(&p, home, RetryPolicy::default(), T0, |_, _| status(403));
+    assert_eq!(run.calls, ["a"], "objects live on the home key only");
+    assert_eq!(run.end, End::Delivered(403));
+    assert_eq!(run.stats.calls, 1);
+    assert!(p.snapshot(T0)[0].refused.is_empty(), "nothing marked");
+}
+
+#[test]
+fn a_too_large_answer_teaches_the_key_the_limit_its_message_quotes() {
+    let p = pool(&["a"]);
+    let run = drive(&p, post("m"), RetryPolicy::default(), T0, |_, _| {
+        with_error(
+            429,
+            None,
+            "Request too large: Limit 30000, Requested 50000.",
+        )
+    });
+    assert_eq!(run.end, End::GaveUp(GiveUp::LastAnswer));
+    assert_eq!(p.snapshot(T0)[0].limits.limit_tokens, Some(30_000));
+}
+
+/// Rests the key `name` of `p` for `rest` from `now` (a 429 with `Retry-After`).
+fn rest_key(p: &KeyPool, name: &str, rest: Duration, now: Time) {
+    let mut rng = SplitMix64::new(1);
+    let mut exclude = Vec::new();
+    for _ in 0..p.snapshot(now).len() {
+        let demand = Demand {
+            exclude: &exclude,
+            ..Demand::default()
+        };
+        let lease = p.select(&demand, now, &mut rng).expect("a free key");
+        if lease.id().as_str() == name {
+            let limits = RateLimitHeaders {
+                retry_after: Some(rest),
+                ..RateLimitHeaders::default()
+            };
+            lease.record(Outcome::RateLimited { limits }, now);
+            return;
+        }
+        exclude.push(lease.index());
+        lease.record(Outcome::Cancelled, now);
+    }
+    panic!("no key {name}");
+}
+
+#[test]
+fn a_failed_key_is_tried_again_when_the_others_rest_beyond_the_wait() {
+    let no_backoff = RetryPolicy {
+        backoff: Backoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+        },
+        ..RetryPolicy::default()
+    };
+    let fails_once = |key: &str, n: usize| {
+        if (key, n) == ("a", 1) {
+            status(500)
+        } else {
+            status(200)
+        }
+    };
+    // b rests a minute, longer than max_wait: the retry goes back to a at once.
+    let p = pool(&["a", "b"]);
+    rest_key(&p, "b", Duration::from_secs(60), T0);
+    let run = drive(&p, post("m"), no_backoff, T0, fails_once);
+    assert_eq!(run.calls, ["a", "a"]);
+    assert_eq!(run.end, End::Delivered(200));
+    assert_eq!(run.slept, [Duration::ZERO], "the backoff only, no wait");
+
+    // b frees exactly when the request's wait runs out: the request waits for it rather
+    // than going back to the key that failed.
+    let q = pool(&["a", "b"]);
+    let max_wait = no_backoff.max_wait;
+    rest_key(&q, "b", max_wait, T0);
+    let run = drive(&q, post("m"), no_backoff, T0, fails_once);
+    assert_eq!(
+        run.slept,
+        [Duration::ZERO, max_wait],
+        "backoff, then the wait"
+    );
+    assert_eq!(run.stats.waits, 1);
+    assert_eq!(run.end, End::Delivered(200));
+}
+
+#[test]
+fn with_the_queue_full_a_failed_key_is_tried_again_rather_than_waited_out() {
+    let policy = RetryPolicy {
+        backoff: Backoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+        },
+        max_queue: 0,
+        ..RetryPolicy::default()
+    };
+    // b frees in 3 s, within max_wait, but the request cannot wait: no place in the queue.
+    let p = pool(&["a", "b"]);
+    rest_key(&p, "b", Duration::from_secs(3), T0);
+    let run = drive(&p, post("m"), policy, T0, |key, n| {
+        if (key, n) == ("a", 1) {
+            status(500)
+        } else {
+            status(200)
+        }
+    });
+    assert_eq!(run.calls, ["a", "a"]);
+    assert_eq!(run.end, End::Delivered(200));
+}
+
+#[test]
+fn a_kept_refusal_is_answered_rather_than_waiting_for_a_resting_key() {
+    let p = pool(&["a", "b"]);
+    let run = drive(&p, post("m"), RetryPolicy::default(), T0, |key, _| {
+        if key == "a" {
+            let limits = RateLimitHeaders {
+                retry_after: Some(Duration::from_secs(1)),
+                ..RateLimitHeaders::default()
+            };
+            Answer::Reply(Reply {
+                status: 429,
+                limits,
+                ..Reply::default()
+            })
+        } else {
+            status(403)
+        }
+    });
+    assert_eq!(run.calls, ["a", "b"]);
+    assert_eq!(run.end, End::GaveUp(GiveUp::LastAnswer), "b's 403, at once");
+    assert!(run.slept.is_empty());
+    assert_eq!(run.stats.key_failovers, 2, "a 429 and a refusal");
+}
+
+#[test]
+fn a_key_that_answered_for_no_scope_is_not_asked_again_in_the_round() {
+    // A request that names no scope: a refusal marks nothing on the key, so only the
+    // round's exclusion keeps it from being asked again and again.
+    let p = pool(&["a"]);
+    let unscoped = ClientRequest {
+        model: None,
+        scope: None,
+        ..post("m")
+    };
+    let run = drive(&p, unscoped, RetryPolicy::default(), T0, |_, _| status(403));
+    assert_eq!(run.calls, ["a"]);
+    assert_eq!(run.end, End::GaveUp(GiveUp::LastAnswer));
+    assert_eq!(run.stats.key_failovers, 1);
+}
+
+#[test]
+fn a_home_request_rate_limited_waits_for_its_home_key() {
+    let p = pool(&["a", "b"]);
+    let home = ClientRequest {
+        home: true,
+        ..post("m")
+    };
+    let run = drive(&p, home, RetryPolicy::default(), T0, |_, n| {
+        if n == 1 {
+            let limits = RateLimitHeaders {
+                retry_after: Some(Duration::from_secs(2)),
+                ..RateLimitHeaders::default()
+            };
+            Answer::Reply(Reply {
+                status: 429,
+                limits,
+                ..Reply::default()
+            })
+        } else {
+            status(200)
+        }
+    });
+    assert_eq!(run.calls, ["a", "a"]);
+    assert_eq!(run.slept, [Duration::from_secs(2)]);
+    assert_eq!(run.end, End::Delivered(200));
+    assert_eq!((run.stats.key_failovers, run.stats.waits), (1, 1));
+}
+
+#[test]
+fn a_retry_waits_for_an_untried_key_that_frees_within_the_wait() {
+    let no_backoff = RetryPolicy {
+        backoff: Backoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+        },
+        ..RetryPolicy::default()
+    };
+    let p = pool(&["a", "b"]);
+    rest_key(&p, "b", Duration::from_secs(3), T0);
+    let run = drive(&p, post("m"), no_backoff, T0, |key, n| {
+        if (key, n) == ("a", 1) {
+            status(500)
+        } else {
+            status(200)
+        }
+    });
+    assert_eq!(run.slept, [Duration::ZERO, Duration::from_secs(3)]);
+    assert_eq!(run.calls.len(), 2);
+    assert_eq!((run.stats.retries, run.stats.waits), (1, 1));
+    assert_eq!(run.end, End::Delivered(200));
+}

@@ -334,3 +334,226 @@ fn honest(until: Time, now: Time) -> Time {
         until
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::keystate::StateChange;
+    use crate::outcome::{Outcome, UpstreamFailure};
+    use crate::{
+        Demand, KeyPool, KeySpec, NoKey, PoolConfig, RateLimitHeaders, Secret, SplitMix64, Time,
+    };
+
+    const T: Time = Time::from_secs(100);
+
+    fn pool(names: &[&str]) -> KeyPool {
+        let specs = names
+            .iter()
+            .map(|n| KeySpec::new(Secret::new(format!("sk-{n}")), "http://h").with_name(*n))
+            .collect();
+        KeyPool::new(specs, PoolConfig::default()).expect("valid pool")
+    }
+
+    /// Leases the key `name` at `now` and records `outcome` on it; returns its changes.
+    fn on_key(p: &KeyPool, name: &str, outcome: Outcome, now: Time) -> Vec<StateChange> {
+        let mut rng = SplitMix64::new(1);
+        let mut exclude = Vec::new();
+        for _ in 0..8 {
+            let demand = Demand {
+                exclude: &exclude,
+                ..Demand::default()
+            };
+            let lease = p.select(&demand, now, &mut rng).expect("a free key");
+            if lease.id().as_str() == name {
+                return lease.record(outcome, now).iter().collect();
+            }
+            exclude.push(lease.index());
+            lease.record(Outcome::Cancelled, now);
+        }
+        panic!("no key {name}");
+    }
+
+    fn rest(p: &KeyPool, name: &str, secs: u64, limit_requests: Option<u64>) {
+        let limits = RateLimitHeaders {
+            retry_after: Some(Duration::from_secs(secs)),
+            limit_requests,
+            ..RateLimitHeaders::default()
+        };
+        on_key(p, name, Outcome::RateLimited { limits }, T);
+    }
+
+    fn select(p: &KeyPool, now: Time, will_wait: Duration) -> Result<String, NoKey> {
+        let demand = Demand {
+            will_wait,
+            ..Demand::default()
+        };
+        p.select(&demand, now, &mut SplitMix64::new(3))
+            .map(|l| l.id().as_str().to_owned())
+    }
+
+    #[test]
+    fn a_busy_pool_says_when_its_first_key_frees_whatever_the_order() {
+        for (a, b) in [(3, 10), (10, 3)] {
+            let p = pool(&["a", "b"]);
+            rest(&p, "a", a, None);
+            rest(&p, "b", b, None);
+            assert_eq!(
+                select(&p, T, Duration::ZERO),
+                Err(NoKey::Busy {
+                    until: T + Duration::from_secs(3)
+                }),
+                "rests {a} s and {b} s"
+            );
+        }
+    }
+
+    /// Opens the circuit of `name` at `now`; returns when it lets a trial through.
+    fn open_circuit(p: &KeyPool, name: &str, now: Time) -> Time {
+        let fail = || Outcome::Upstream {
+            failure: UpstreamFailure::Status(502),
+            retry_after: None,
+        };
+        for _ in 0..crate::circuit::FAILURES_TO_OPEN {
+            for change in on_key(p, name, fail(), now) {
+                if let StateChange::CircuitOpened { until } = change {
+                    return until;
+                }
+            }
+        }
+        panic!("the circuit of {name} did not open");
+    }
+
+    #[test]
+    fn an_unreachable_pool_says_when_its_first_circuit_lets_a_trial_through() {
+        // Every order of opening, so that the first circuit to reopen is sometimes looked at
+        // first and sometimes last.
+        let orders = [
+            ["a", "b", "c"],
+            ["a", "c", "b"],
+            ["b", "a", "c"],
+            ["b", "c", "a"],
+            ["c", "a", "b"],
+            ["c", "b", "a"],
+        ];
+        for order in orders {
+            let p = pool(&["a", "b", "c"]);
+            let mut reopen = Vec::new();
+            for (i, name) in (0u64..).zip(order) {
+                reopen.push(open_circuit(&p, name, T + Duration::from_millis(500 * i)));
+            }
+            let first = *reopen.iter().min().expect("three circuits");
+            let now = T + Duration::from_secs(1);
+            // The gate keeps deadlines at even nanoseconds (its low bit marks a trial).
+            let Err(NoKey::Unreachable { until }) = select(&p, now, Duration::ZERO) else {
+                panic!("every circuit is open")
+            };
+            assert!(
+                until.max(first).saturating_since(until.min(first)) <= Duration::from_nanos(1),
+                "opened in the order {order:?}: {until:?}, not {first:?} of {reopen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_that_will_wait_is_promised_the_next_cell_and_the_next_one_a_later_cell() {
+        // 60 a minute learned: the key is paced after its rest.
+        let p = pool(&["a"]);
+        rest(&p, "a", 2, Some(60));
+        let free = T + Duration::from_secs(2);
+        // Not waiting: nothing is promised, every request hears the same time.
+        for _ in 0..2 {
+            assert_eq!(
+                select(&p, T, Duration::ZERO),
+                Err(NoKey::Busy { until: free })
+            );
+        }
+        // Waiting (and it fits): the first gets the cell at the end of the rest, the next
+        // is told a later one.
+        let wait = Duration::from_secs(5);
+        assert_eq!(select(&p, T, wait), Err(NoKey::Busy { until: free }));
+        let Err(NoKey::Busy { until }) = select(&p, T, wait) else {
+            panic!("still resting")
+        };
+        assert!(until > free, "{until:?} after {free:?}");
+        // A wait that just fits is a promise too.
+        let q = pool(&["a"]);
+        rest(&q, "a", 2, Some(60));
+        assert_eq!(
+            select(&q, T, Duration::from_secs(2)),
+            Err(NoKey::Busy { until: free })
+        );
+        assert_ne!(
+            select(&q, T, Duration::ZERO),
+            Err(NoKey::Busy { until: free })
+        );
+    }
+
+    #[test]
+    fn while_a_circuits_trial_is_under_way_others_hear_soon_not_never() {
+        let p = pool(&["a"]);
+        let reopen = open_circuit(&p, "a", T);
+        let mut rng = SplitMix64::new(5);
+        let trial = p
+            .select(&Demand::default(), reopen, &mut rng)
+            .expect("the trial");
+        let later = reopen + Duration::from_millis(300);
+        assert_eq!(
+            select(&p, later, Duration::ZERO),
+            Err(NoKey::Unreachable {
+                until: later + super::PENDING_WAIT
+            })
+        );
+        drop(trial);
+    }
+
+    #[test]
+    fn a_throttled_group_frees_a_probes_round_trip_after_its_rest() {
+        let p = pool(&["a", "b", "c"]);
+        let mut rng = SplitMix64::new(5);
+        for _ in 0..3 {
+            let lease = p.select(&Demand::default(), T, &mut rng).expect("free");
+            lease.learn_organization("org-shared");
+            lease.record(Outcome::Cancelled, T);
+        }
+        let mut group_until = None;
+        for _ in 0..3 {
+            let Ok(lease) = p.select(&Demand::default(), T, &mut rng) else {
+                break;
+            };
+            for c in lease
+                .record(
+                    Outcome::RateLimited {
+                        limits: RateLimitHeaders::default(),
+                    },
+                    T,
+                )
+                .iter()
+            {
+                if let StateChange::GroupThrottled { until } = c {
+                    group_until = Some(until);
+                }
+            }
+        }
+        let group_until = group_until.expect("throttled");
+        assert_eq!(
+            select(&p, T, Duration::ZERO),
+            Err(NoKey::Busy {
+                until: group_until + super::PENDING_WAIT
+            })
+        );
+        // At its end one request probes the group; while it is under way, the others hear
+        // "a probe's round trip from now".
+        let probe = p
+            .select(&Demand::default(), group_until, &mut rng)
+            .expect("the group's probe");
+        let later = group_until + Duration::from_millis(300);
+        assert_eq!(
+            select(&p, later, Duration::ZERO),
+            Err(NoKey::Busy {
+                until: later + super::PENDING_WAIT
+            })
+        );
+        drop(probe);
+    }
+}

@@ -47,3 +47,47 @@ impl KeyPool {
         Some(key.state.probe_now(now))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::outcome::{DisableReason, Outcome};
+    use crate::{Demand, KeyPool, KeySpec, PoolConfig, Secret, SplitMix64, Time};
+
+    #[test]
+    fn an_operator_asks_for_a_recheck_of_a_provider_disabled_key_only() {
+        let specs = ["a", "b", "c"]
+            .iter()
+            .map(|n| KeySpec::new(Secret::new(format!("sk-{n}")), "http://h").with_name(*n))
+            .collect();
+        let p = KeyPool::new(specs, PoolConfig::default()).expect("valid pool");
+        let t = Time::from_secs(100);
+        // "a" is rejected by the provider, "b" disabled by an operator, "c" fine.
+        let mut rng = SplitMix64::new(1);
+        let mut exclude = Vec::new();
+        for _ in 0..3 {
+            let demand = Demand {
+                exclude: &exclude,
+                ..Demand::default()
+            };
+            let lease = p.select(&demand, t, &mut rng).expect("a free key");
+            exclude.push(lease.index());
+            if lease.id().as_str() == "a" {
+                lease.record(
+                    Outcome::KeyRejected {
+                        reason: DisableReason::Unauthorized,
+                    },
+                    t,
+                );
+            } else {
+                lease.record(Outcome::Cancelled, t);
+            }
+        }
+        assert!(p.set_disabled("b", true, t).is_some());
+        assert!(p.due_probes(t).is_empty(), "a's re-check is a minute away");
+        assert_eq!(p.recheck_now("a", t), Some(true));
+        assert_eq!(p.due_probes(t), vec![0]);
+        assert_eq!(p.recheck_now("b", t), Some(false), "an operator's disable");
+        assert_eq!(p.recheck_now("c", t), Some(false), "not disabled");
+        assert_eq!(p.recheck_now("nope", t), None);
+    }
+}
