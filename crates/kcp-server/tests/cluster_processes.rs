@@ -11,13 +11,10 @@
 //! (Debian's package, `.ci/run` installs it) and FAILS without it. Every wait is bounded by
 //! [`BOUND`] of real time.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,26 +23,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kcp_mock::{Behaviour, MockUpstream};
 
-const BOUND: Duration = Duration::from_secs(20);
+mod support;
+use support::{BOUND, Running, TempDir};
+
 const KEY_A: &str = "sk-test-cluster-alpha-00000000001";
 const KEY_B: &str = "sk-test-cluster-bravo-00000000002";
-
-/// A directory of this test, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("kcp-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create the temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child process killed on drop.
 struct Process(Child);
@@ -75,11 +57,10 @@ fn start_redis(dir: &Path) -> (Process, String) {
 }
 
 /// A `kcp-server` replica named `name`; returns it and its proxy address (from its log).
-fn start_replica(dir: &Path, name: &str, upstream: &str, redis: &str) -> (Process, SocketAddr) {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
+fn start_replica(dir: &TempDir, name: &str, upstream: &str, redis: &str) -> (Running, SocketAddr) {
+    let config = dir.write(
+        &format!("{name}.toml"),
+        &format!(
             r#"[server]
 bind_addr = "127.0.0.1:0"
 
@@ -100,43 +81,10 @@ key = "{KEY_B}"
 url = "{upstream}"
 "#
         ),
-    )
-    .expect("write the config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kcp-server"))
-        .args(["--config", config.to_str().expect("UTF-8 path")])
-        .current_dir(dir)
-        .env_clear()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start kcp-server");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + BOUND;
-    let addr = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .expect("kcp-server logs its address");
-        if line.contains("listening") {
-            let addr = line
-                .split(" addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .expect("addr= in the listening line");
-            break addr.parse().expect("a socket address");
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    thread::spawn(move || while lines.recv().is_ok() {});
-    (Process(child), addr)
+    );
+    let mut replica = Running::start(&dir.0, &config);
+    let addr = replica.proxy_addr();
+    (replica, addr)
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -203,9 +151,9 @@ async fn server_processes_share_a_rest_leave_on_sigterm_and_expire_on_sigkill() 
     let dir = TempDir::new("cluster-processes");
     let (_redis, redis_url) = start_redis(&dir.0);
     let mock = MockUpstream::start().await;
-    let (_a, a) = start_replica(&dir.0, "a", &mock.url(), &redis_url);
-    let (mut b_process, b) = start_replica(&dir.0, "b", &mock.url(), &redis_url);
-    let (mut c_process, c) = start_replica(&dir.0, "c", &mock.url(), &redis_url);
+    let (_a, a) = start_replica(&dir, "a", &mock.url(), &redis_url);
+    let (b_process, b) = start_replica(&dir, "b", &mock.url(), &redis_url);
+    let (mut c_process, c) = start_replica(&dir, "c", &mock.url(), &redis_url);
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let three = |h: &serde_json::Value| {
         h["cluster"]["redis_connected"] == true && h["cluster"]["replicas"] == 3
@@ -251,25 +199,20 @@ async fn server_processes_share_a_rest_leave_on_sigterm_and_expire_on_sigkill() 
         }
     };
     assert_eq!(exists(&mut redis).await, 1);
-    let term = Command::new("kill")
-        .args(["-TERM", &c_process.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(term.success());
+    c_process.signal("TERM");
     let exited = tokio::task::spawn_blocking(move || {
-        let status = c_process.0.wait();
+        let status = c_process.exit();
         (c_process, status)
     });
     let (_c_process, status) = tokio::time::timeout(BOUND, exited)
         .await
         .expect("c exits in time")
         .expect("wait task");
-    assert!(status.expect("exit status").success(), "c exits 0");
+    assert!(status.success(), "c exits 0");
     assert_eq!(exists(&mut redis).await, 0, "c left before exiting");
 
     // SIGKILL: no clean shutdown, so b's heartbeat stays until its TTL runs out.
-    b_process.0.kill().expect("kill replica b");
-    let _ = b_process.0.wait();
+    drop(b_process);
     until_health(&client, a, "a counts itself alone", |h| {
         h["cluster"]["replicas"] == 1
     })

@@ -1,56 +1,21 @@
 //! The real `kcp-server` binary as an operator runs it: `--check-config` (its output and exit
 //! codes) and SIGINT (drain the request in flight, refuse new connections, exit 0).
-//!
-//! Each test starts the binary in an empty temporary directory with an empty environment, so
-//! no `config.toml`, `config.json` or `KCP_*` variable of the machine leaks in. Every wait is
-//! bounded by [`BOUND`] of real time: these are separate processes, where paused time cannot
-//! reach; the tests assert on events (a line logged, a connection refused, an exit), never
-//! on durations.
+//! How the binary is started and waited for: the `support` kit.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use kcp_core::Secret;
 
-/// Bound on every wait for the other process.
-const BOUND: Duration = Duration::from_secs(20);
+mod support;
+use support::{BOUND, Running, TempDir, kcp_server};
+
 const KEY: &str = "sk-test-binary-alpha-0000000001";
 const ADMIN_TOKEN: &str = "admin-token-binary-5e1f0c9a77";
 const EX_USAGE: i32 = 64;
-
-/// An empty directory of its own, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "kcp-binary-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create the temp dir");
-        TempDir(path)
-    }
-
-    fn write(&self, name: &str, content: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, content).expect("write the file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config_toml(upstream: &str) -> String {
     format!(
@@ -73,13 +38,6 @@ key = "{KEY}"
     )
 }
 
-/// `kcp-server` with `args`, in `dir`, with nothing from this environment.
-fn kcp_server(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kcp-server"));
-    command.args(args).current_dir(dir).env_clear();
-    command
-}
-
 /// Runs `command` to its end, within [`BOUND`].
 fn run(mut command: Command) -> Output {
     let child = command
@@ -98,7 +56,7 @@ fn run(mut command: Command) -> Output {
 
 #[test]
 fn check_config_prints_the_effective_config_without_a_secret() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("binary");
     let config = dir.write("kcp.toml", &config_toml("http://127.0.0.1:9"));
     let output = run(kcp_server(
         &dir.0,
@@ -139,7 +97,7 @@ fn check_config_prints_the_effective_config_without_a_secret() {
 
 #[test]
 fn an_invalid_config_exits_64_naming_the_fault() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("binary");
     let config = dir.write(
         "kcp.toml",
         &config_toml("http://127.0.0.1:9").replace("max_retries = 0", "max_retrys = 0"),
@@ -217,102 +175,16 @@ fn read_head(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// The running binary, its log lines arriving on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(dir: &Path, config: &Path) -> Running {
-        let mut child = kcp_server(dir, &["--config", config.to_str().expect("UTF-8 path")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kcp-server");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first log line (from now on) containing `needle`.
-    fn line_with(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no line with {needle:?} in:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name}");
-    }
-
-    /// Waits for the exit, within [`BOUND`].
-    fn exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for kcp-server") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "kcp-server still running");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `addr=` field of a text log line.
-fn addr_in(line: &str) -> SocketAddr {
-    let rest = line
-        .split(" addr=")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-    let addr = rest.split_whitespace().next().unwrap_or_default();
-    addr.parse()
-        .unwrap_or_else(|e| panic!("addr {addr:?} in {line:?}: {e}"))
-}
-
 #[test]
 fn sigint_drains_the_request_in_flight_then_exits_0() {
     let upstream = HeldUpstream::start();
-    let dir = TempDir::new();
+    let dir = TempDir::new("binary");
     let config = dir.write(
         "kcp.toml",
         &config_toml(&format!("http://{}", upstream.addr)),
     );
     let mut server = Running::start(&dir.0, &config);
-    let addr = addr_in(&server.line_with("listening"));
+    let addr = server.proxy_addr();
 
     let mut client = TcpStream::connect(addr).expect("connect");
     let body = r#"{"model":"gpt-4o","messages":[]}"#;
@@ -342,10 +214,7 @@ fn sigint_drains_the_request_in_flight_then_exits_0() {
         TcpStream::connect(addr).is_err(),
         "no new connection while draining"
     );
-    assert!(
-        server.child.try_wait().expect("status").is_none(),
-        "still running: a request is in flight"
-    );
+    assert!(server.is_running(), "still running: a request is in flight");
 
     upstream.release.send(()).expect("upstream waiting");
     client.set_read_timeout(Some(BOUND)).expect("read timeout");
