@@ -4,7 +4,7 @@
 
 mod support;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::StatusCode;
 use key_cycle_proxy::core::{DisableReason, KeyStatus, Secret};
 use support::observe::capture_logs;
@@ -177,15 +177,7 @@ async fn the_drain_closes_an_open_session_on_both_sides() {
 
     let started = tokio::time::Instant::now();
     let stopped = proxy.begin_shutdown();
-    match next(&mut client).await {
-        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-    // The client answers the close (tungstenite does so on its next read).
-    let end = tokio::time::timeout(WAIT, client.next())
-        .await
-        .expect("in time");
-    assert!(end.is_none(), "the session ends: {end:?}");
+    closed_going_away(&mut client).await;
     let result = tokio::time::timeout(WAIT, stopped)
         .await
         .expect("run returns in time")

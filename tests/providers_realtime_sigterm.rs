@@ -6,13 +6,14 @@
 
 mod support;
 
-use futures_util::StreamExt;
 use key_cycle_proxy::core::Secret;
 use key_cycle_proxy::server::ops::serve::Server;
 use key_cycle_proxy::server::ops::signals::Signals;
 use support::KEY_A;
 use support::proxy_harness::{WAIT, loaded_config};
-use support::realtime::{CLIENT_TOKEN, GREETING, MODEL, RealtimeUpstream, next as next_frame};
+use support::realtime::{
+    CLIENT_TOKEN, GREETING, MODEL, RealtimeUpstream, closed_going_away, next as next_frame,
+};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -46,14 +47,7 @@ async fn sigterm_closes_an_open_session_on_both_sides_and_stops_the_server() {
         .expect("run kill");
     assert!(status.success(), "kill -TERM");
 
-    match next_frame(&mut client).await {
-        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-    let end = tokio::time::timeout(WAIT, client.next())
-        .await
-        .expect("in time");
-    assert!(end.is_none(), "the session ends: {end:?}");
+    closed_going_away(&mut client).await;
     let stopped = tokio::time::timeout(WAIT, running)
         .await
         .expect("SIGTERM stops the server")

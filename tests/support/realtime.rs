@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -257,6 +258,19 @@ pub async fn next(client: &mut Client) -> Message {
             return message;
         }
     }
+}
+
+/// The drain's ending, seen from the client: a close frame "going away", then the end of
+/// the session once the client has answered it (tungstenite does so on its next read).
+pub async fn closed_going_away(client: &mut Client) {
+    match next(client).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    let end = tokio::time::timeout(WAIT, client.next())
+        .await
+        .expect("in time");
+    assert!(end.is_none(), "the session ends: {end:?}");
 }
 
 /// The status and body of a refused handshake.
