@@ -20,6 +20,7 @@ use key_cycle_proxy::server::app::App;
 use key_cycle_proxy::server::clock;
 use key_cycle_proxy::server::config::{Config, KeySources, LoadedConfig};
 use key_cycle_proxy::server::ops::serve::{ServeError, Server};
+use key_cycle_proxy::server::ops::workers::Workers;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -93,7 +94,18 @@ pub async fn start_loaded(loaded: LoadedConfig) -> Proxy {
 
 /// Starts the proxy around an [`App`] built by the test (one that can reload, say).
 pub async fn start_app(app: App) -> Proxy {
+    run_server(Server::bind_app(app).await.expect("proxy starts"))
+}
+
+/// Starts the proxy serving its connections on `workers` worker threads, as the binary does
+/// (real time only: the workers' runtimes are not the test's).
+pub async fn start_on_workers(loaded: LoadedConfig, workers: usize) -> Proxy {
+    let app = App::new(loaded).expect("valid proxy config");
     let server = Server::bind_app(app).await.expect("proxy starts");
+    run_server(server.with_workers(Workers::start(workers).expect("worker threads start")))
+}
+
+fn run_server(server: Server) -> Proxy {
     let addr = server.local_addr();
     let metrics_addr = server.metrics_addr();
     let app = server.app();

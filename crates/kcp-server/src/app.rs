@@ -5,8 +5,8 @@
 //! it once (one atomic increment) when it arrives and keeps that snapshot to its end, so it
 //! never sees a mix of an old and a new configuration, while a reload builds a whole new
 //! generation (`KeyPool::rebuild` keeps the live state of every key still present) and stores
-//! it for the next requests. One [`Upstream`] (one connection pool) serves every key, so keys
-//! of the same provider share warm connections.
+//! it for the next requests. One [`Upstream`] (one connection pool per worker thread) serves
+//! every key, so keys of the same provider share warm connections.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +53,7 @@ impl Generation {
 pub struct App {
     /// The generation in force; a reload stores a new one.
     pub generation: ArcSwap<Generation>,
-    /// The upstream client: one connection pool for every key.
+    /// The upstream client: one connection pool per worker thread, for every key.
     pub upstream: Upstream,
     /// Set once shutdown begins: the proxy finishes what it has and takes nothing new.
     pub draining: AtomicBool,
@@ -84,7 +84,10 @@ impl App {
     pub fn new(loaded: LoadedConfig) -> Result<App, StartError> {
         check_key_headers(&loaded.keys)?;
         let pool = KeyPool::new(loaded.keys.clone(), pool_config(&loaded.config))?;
-        let upstream = Upstream::new(&upstream_config(&loaded.config.upstream))?;
+        let upstream = Upstream::new(&UpstreamConfig {
+            lanes: crate::ops::workers::resolve(loaded.config.server.worker_threads),
+            ..upstream_config(&loaded.config.upstream)
+        })?;
         let registry = Registry::new();
         let metrics =
             Metrics::new(&registry).expect("a fresh registry holds none of the proxy's metrics");

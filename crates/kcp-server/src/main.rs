@@ -19,8 +19,12 @@ use kcp_server::healthcheck;
 use kcp_server::observe::logging;
 use kcp_server::ops::serve::{Server, error_chain};
 use kcp_server::ops::signals::Signals;
+use kcp_server::ops::workers::{self, Workers};
 
-#[tokio::main]
+/// The runtime of `main` is the control plane's (accepting, signals, probes, the cluster's
+/// sync, the ops listener); client connections are served on worker threads of their own
+/// ([`Workers`]).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -66,6 +70,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let worker_threads = workers::resolve(loaded.config.server.worker_threads);
     let bound = match App::new(loaded) {
         Ok(app) => Server::bind_app(app.reloadable(cli)).await,
         Err(error) => Err(error),
@@ -77,9 +82,17 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let server = match Workers::start(worker_threads) {
+        Ok(workers) => server.with_workers(workers),
+        Err(error) => {
+            tracing::error!(%error, "cannot start the worker threads");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         addr = %server.local_addr(),
         metrics_addr = %server.metrics_addr(),
+        worker_threads,
         "listening"
     );
     let shutdown = signals.until_shutdown(server.app());

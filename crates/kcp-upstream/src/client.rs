@@ -1,4 +1,5 @@
-//! The pooled client: one hyper-util client for every key, bounded by the header timeout.
+//! The pooled client: one hyper-util client per lane for every key, bounded by the header
+//! timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::body::ResponseBody;
 use crate::config::UpstreamConfig;
 use crate::connector::TimedConnector;
 use crate::error::{BuildError, UpstreamError};
+use crate::lane;
 use crate::origin::Origin;
 use crate::tls;
 
@@ -26,7 +28,8 @@ pub struct Upstream {
 
 #[derive(Debug)]
 struct Inner {
-    client: Client<TimedConnector, Full<Bytes>>,
+    /// One client (one pool) per lane ([`crate::lane`]); never empty.
+    lanes: Box<[Client<TimedConnector, Full<Bytes>>]>,
     request_timeout: Duration,
     stream_idle_timeout: Duration,
 }
@@ -45,15 +48,19 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(TimedConnector::new(https, config.connect_timeout));
+        let lanes = (0..config.lanes.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(config.pool_idle_timeout)
+                    .pool_max_idle_per_host(config.pool_max_idle_per_host)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(TimedConnector::new(https.clone(), config.connect_timeout))
+            })
+            .collect();
         Ok(Upstream {
             inner: Arc::new(Inner {
-                client,
+                lanes,
                 request_timeout: config.request_timeout,
                 stream_idle_timeout: config.stream_idle_timeout,
             }),
@@ -75,8 +82,9 @@ impl Upstream {
             return Err(UpstreamError::credentials(origin));
         }
         let timeout = self.inner.request_timeout;
-        let response = match tokio::time::timeout(timeout, self.inner.client.request(request)).await
-        {
+        let lanes = &self.inner.lanes;
+        let client = &lanes[lane::current() % lanes.len()];
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => return Err(UpstreamError::from_client(origin, error)),
             Err(_) => return Err(UpstreamError::headers_timeout(origin, timeout)),

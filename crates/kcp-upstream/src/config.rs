@@ -17,8 +17,10 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
-    /// Most idle connections kept per origin.
+    /// Most idle connections kept per origin (in each lane).
     pub pool_max_idle_per_host: usize,
+    /// Connection pools, one per worker thread ([`enter_lane`](crate::enter_lane)); at least 1.
+    pub lanes: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -30,6 +32,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            lanes: 1,
         }
     }
 }

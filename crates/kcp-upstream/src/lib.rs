@@ -1,8 +1,9 @@
 //! The upstream HTTP client of KeyCycleProxy.
 //!
-//! One [`Upstream`] is one connection pool (hyper-util's legacy client over hyper-rustls) shared
-//! by every key: connections are keyed by origin, never by key, so keys of the same provider
-//! reuse each other's warm TCP+TLS connections. ALPN picks HTTP/2 or HTTP/1.1 per origin.
+//! One [`Upstream`] is one connection pool (hyper-util's legacy client over hyper-rustls) per
+//! worker thread ([`enter_lane`]), shared by every key: connections are keyed by origin, never
+//! by key, so keys of the same provider reuse each other's warm TCP+TLS connections. ALPN picks
+//! HTTP/2 or HTTP/1.1 per origin.
 //!
 //! The crate adds what a proxy needs on top of hyper and nothing else:
 //! - bounded waits: connect (TCP+TLS), response headers, and the gap between two body frames,
@@ -17,6 +18,7 @@ mod client;
 mod config;
 mod connector;
 mod error;
+mod lane;
 mod origin;
 mod tls;
 
@@ -24,4 +26,5 @@ pub use body::ResponseBody;
 pub use client::Upstream;
 pub use config::UpstreamConfig;
 pub use error::{BuildError, ErrorKind, UpstreamError};
+pub use lane::enter_lane;
 pub use tls::client_config as tls_client_config;

@@ -67,6 +67,9 @@ pub struct ServerSection {
     pub h2_keepalive_timeout_ms: u64,
     /// A connection (h2 or keep-alive HTTP/1.1) with no request in flight for this long is closed.
     pub idle_connection_timeout_ms: u64,
+    /// Threads serving client connections, each with its own runtime and upstream connection
+    /// pool; 0 means one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerSection {
@@ -85,6 +88,7 @@ impl Default for ServerSection {
             h2_keepalive_interval_ms: 20_000,
             h2_keepalive_timeout_ms: 20_000,
             idle_connection_timeout_ms: 120_000,
+            worker_threads: 0,
         }
     }
 }

@@ -102,6 +102,7 @@ fn defaults_with_only_openai_keys() {
         assert_eq!(server.header_read_timeout_ms, 10_000);
         assert_eq!(server.body_read_timeout_ms, 30_000);
         assert_eq!(server.max_header_bytes, 65_536);
+        assert_eq!(server.worker_threads, 0);
         let upstream = &loaded.config.upstream;
         assert_eq!(upstream.base_url, "https://api.openai.com/v1");
         assert_eq!(upstream.connect_timeout_ms, 3_000);
@@ -626,7 +627,8 @@ fn zero_sizes_are_rejected() {
     jail(|jail| {
         let problems = toml_problems(
             jail,
-            "[server]\nrequest_body_limit_bytes = 0\nmax_inflight = 0\nmax_header_bytes = 100\n",
+            "[server]\nrequest_body_limit_bytes = 0\nmax_inflight = 0\nmax_header_bytes = 100\n\
+             worker_threads = 1025\n",
         )?;
         assert_problem(
             &problems,
@@ -639,6 +641,14 @@ fn zero_sizes_are_rejected() {
                 "config.toml",
                 "[server] max_header_bytes is 100",
                 "at least 8192",
+            ],
+        );
+        assert_problem(
+            &problems,
+            &[
+                "config.toml",
+                "[server] worker_threads is 1025",
+                "at most 1024",
             ],
         );
         Ok(())

@@ -132,7 +132,20 @@ fn server(check: &mut Checker<'_, '_>, server: &ServerSection) {
             ),
         );
     }
+    if server.worker_threads > MAX_WORKER_THREADS {
+        check.fail(
+            "server.worker_threads",
+            format!(
+                "is {}; it must be at most {MAX_WORKER_THREADS}",
+                server.worker_threads
+            ),
+            "set it to the number of CPU cores, or 0 for one per core (default 0)",
+        );
+    }
 }
+
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
 
 fn upstream(check: &mut Checker<'_, '_>, upstream: &UpstreamSection) {
     let default = UpstreamSection::default();

@@ -157,6 +157,10 @@ fn warn_restart_only(old: &Config, new: &Config) {
     let ignored = [
         ("server.bind_addr", o.server.bind_addr != n.server.bind_addr),
         (
+            "server.worker_threads",
+            o.server.worker_threads != n.server.worker_threads,
+        ),
+        (
             "observability.metrics_bind",
             o.observability.metrics_bind != n.observability.metrics_bind,
         ),

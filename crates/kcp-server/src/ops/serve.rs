@@ -2,7 +2,8 @@
 //! shutdown.
 //!
 //! Each accepted connection is served by hyper-util's `auto` builder (HTTP/1.1, or h2 with
-//! prior knowledge) in its own task. On shutdown the listener is dropped at once, so new
+//! prior knowledge) in its own task, on the next worker thread when the server has them
+//! ([`Server::with_workers`], [`super::workers`]) or else on the runtime that runs the server. On shutdown the listener is dropped at once, so new
 //! connections are refused rather than served during the grace period (the original kept
 //! serving while it "drained"); every open connection is told to finish: HTTP/1.1 completes
 //! its current response, streams included, then closes; h2 sends GOAWAY and completes its
@@ -42,6 +43,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::connection::{self, Activity, ConnectionSlots, StallGuard};
+use super::workers::Workers;
 use crate::app::App;
 use crate::config::{LoadedConfig, ServerSection};
 use crate::ops_listener;
@@ -104,6 +106,7 @@ pub struct Server {
     ops: TcpListener,
     ops_addr: SocketAddr,
     app: Arc<App>,
+    workers: Option<Workers>,
 }
 
 impl Server {
@@ -130,7 +133,16 @@ impl Server {
             ops,
             ops_addr,
             app: Arc::new(app),
+            workers: None,
         })
+    }
+
+    /// Serves client connections on `workers` (one runtime per thread) rather than on the
+    /// runtime that runs the server, which keeps the control plane: accepting, probes, the
+    /// cluster's sync and the ops listener.
+    pub fn with_workers(mut self, workers: Workers) -> Server {
+        self.workers = Some(workers);
+        self
     }
 
     /// The address actually bound (the port is chosen by the OS for `:0`).
@@ -156,7 +168,11 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Server {
-            listener, ops, app, ..
+            listener,
+            ops,
+            app,
+            workers,
+            ..
         } = self;
         let mut limits = Limits::new(&app.generation().config.config.server);
         let slots = ConnectionSlots::default();
@@ -185,11 +201,30 @@ impl Server {
                         };
                         let _ = tcp.set_nodelay(true);
                         let app = Arc::clone(&app);
-                        let connection = serve_connection(tcp, app, &limits, graceful.watcher());
-                        connections.spawn(async move {
+                        let watcher = graceful.watcher();
+                        let Some(workers) = &workers else {
+                            let connection = serve_connection(tcp, app, &limits, watcher);
+                            connections.spawn(async move {
+                                let _slot = slot;
+                                connection.await
+                            });
+                            continue;
+                        };
+                        // The socket leaves this runtime's reactor and joins the worker's,
+                        // so its readiness wakes the worker directly.
+                        let tcp = match tcp.into_std() {
+                            Ok(tcp) => tcp,
+                            Err(error) => {
+                                tracing::debug!(%error, "handing a connection over failed");
+                                continue;
+                            }
+                        };
+                        let builder = limits.clone();
+                        connections.spawn_on(async move {
                             let _slot = slot;
-                            connection.await
-                        });
+                            let tcp = TcpStream::from_std(tcp)?;
+                            serve_connection(tcp, app, &builder, watcher).await
+                        }, workers.next());
                     }
                     Err(error) => {
                         tracing::warn!(%error, "accepting a connection failed");
@@ -234,6 +269,7 @@ impl Server {
 
 /// The connection builder for the `[server]` limits in force, rebuilt when a reload changes
 /// them.
+#[derive(Clone)]
 struct Limits {
     server: ServerSection,
     builder: auto::Builder<TokioExecutor>,
