@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Whole-proxy benchmark: kcp-server and nginx in front of the same mock upstream, side by side
-# with direct calls to that mock, in one run. Method and figures: docs/benchmarks.md.
+# with direct calls to that mock, in one run: requests per second, latency, the CPU time each
+# proxy spends per request, peak memory and start-up time. Method and figures:
+# docs/benchmarks.md.
 #
 #   benches/proxy_compare.sh            # needs wrk, nginx, curl; run from anywhere in the repo
 #
@@ -238,21 +240,51 @@ to_ms() {
     }'
 }
 
-# run NAME TARGET SCRIPT THREADS CONNS DURATION: appends "name target rps p50 p99 non2xx errors".
+# CPU time (user and system, clock ticks) used so far by the processes serving TARGET: kcp, or
+# nginx's master and workers; 0 0 for direct (the mock is shared by every target).
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # target
+    local pids pid user=0 sys=0
+    case $1 in
+        kcp) pids=$KCP_PID ;;
+        nginx) pids="$NGINX_PID $(pgrep -P "$NGINX_PID" || true)" ;;
+        *) pids= ;;
+    esac
+    for pid in $pids; do
+        # Fields 14 and 15 of /proc/PID/stat (utime, stime), counted after the ")" that ends
+        # the command name.
+        read -r u s < <(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}') || continue
+        user=$((user + u))
+        sys=$((sys + s))
+    done
+    echo "$user $sys"
+}
+
+# run NAME TARGET SCRIPT THREADS CONNS DURATION: appends "name target rps p50 p99 non2xx errors
+# cpu_user_us_per_request cpu_sys_us_per_request".
 RESULTS=$TMP/results.txt
 : >"$RESULTS"
 run() {
     local name=$1 target=$2 script=$3 threads=$4 conns=$5 duration=$6 out
     out=$TMP/wrk-$name-$target-$(date +%s%N).txt
+    local before after
+    before=$(cpu_ticks "$target")
     wrk -t"$threads" -c"$conns" -d"$duration" --latency -s "$script" "${URL[$target]}" >"$out" 2>&1
+    after=$(cpu_ticks "$target")
+    local requests cpu_user cpu_sys
+    requests=$(awk '/ requests in / {print $1}' "$out")
+    read -r cpu_user cpu_sys < <(awk -v b="$before" -v a="$after" -v n="${requests:-0}" -v hz="$CLK_TCK" 'BEGIN {
+        split(b, x, " "); split(a, y, " ")
+        if (n > 0) printf "%.1f %.1f\n", (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n
+        else print "0 0" }')
     local rps p50 p99 non2xx errors
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
     p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
     non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
     errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$out")
-    printf '%s %s %s %s %s %s %s\n' "$name" "$target" "${rps:-0}" "$p50" "$p99" \
-        "${non2xx:-0}" "${errors:-0}" >>"$RESULTS"
+    printf '%s %s %s %s %s %s %s %s %s\n' "$name" "$target" "${rps:-0}" "$p50" "$p99" \
+        "${non2xx:-0}" "${errors:-0}" "$cpu_user" "$cpu_sys" >>"$RESULTS"
     printf '    %-7s %-6s %10s req/s  p50 %8s ms  p99 %8s ms  non-2xx %s  socket errors %s\n' \
         "$name" "$target" "${rps:-0}" "$p50" "$p99" "${non2xx:-0}" "${errors:-0}" >&2
 }
@@ -357,6 +389,7 @@ awk -v conns="$CONNS" -v threads="$THREADS" -v sconns="$STREAM_CONNS" -v chunks=
     {
         k = $1 SUBSEP $2
         n[k]++; rps[k] += $3; p50[k] += $4; p99[k] += $5; bad[k] += $6; err[k] += $7
+        cu[k] += $8; cs[k] += $9
         if (!($1 in seen)) { seen[$1] = 1; order[++m] = $1 }
     }
     function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
@@ -384,6 +417,15 @@ awk -v conns="$CONNS" -v threads="$THREADS" -v sconns="$STREAM_CONNS" -v chunks=
             printf "| %s | kcp/direct | %s | %s | %s |\n", label[s], r(R[s,"kcp"], R[s,"direct"]), r(P50[s,"kcp"], P50[s,"direct"]), r(P99[s,"kcp"], P99[s,"direct"])
             printf "| %s | nginx/direct | %s | %s | %s |\n", label[s], r(R[s,"nginx"], R[s,"direct"]), r(P50[s,"nginx"], P50[s,"direct"]), r(P99[s,"nginx"], P99[s,"direct"])
             printf "| %s | kcp/nginx | %s | %s | %s |\n", label[s], r(R[s,"kcp"], R[s,"nginx"]), r(P50[s,"kcp"], P50[s,"nginx"]), r(P99[s,"kcp"], P99[s,"nginx"])
+        }
+        printf "\nCPU time per request of the proxy process(es) (user + system, microseconds; the mock and wrk excluded):\n\n"
+        printf "| scenario | kcp | nginx | kcp/nginx |\n|---|---:|---:|---:|\n"
+        for (i = 1; i <= m; i++) {
+            s = order[i]
+            kk = s SUBSEP "kcp"; nk = s SUBSEP "nginx"
+            if (!(kk in n) || !(nk in n)) continue
+            K = (cu[kk] + cs[kk]) / n[kk]; N = (cu[nk] + cs[nk]) / n[nk]
+            printf "| %s | %.1f (%.1f + %.1f) | %.1f (%.1f + %.1f) | %s |\n", label[s], K, cu[kk] / n[kk], cs[kk] / n[kk], N, cu[nk] / n[nk], cs[nk] / n[nk], r(K, N)
         }
         if (("c1", "kcp") in R) {
             printf "\nAdded latency per request at -c1, vs direct: p50 kcp %+.0f us, nginx %+.0f us; mean (1/req/s) kcp %+.0f us, nginx %+.0f us\n", (P50["c1","kcp"] - P50["c1","direct"]) * 1000, (P50["c1","nginx"] - P50["c1","direct"]) * 1000, (1 / R["c1","kcp"] - 1 / R["c1","direct"]) * 1e6, (1 / R["c1","nginx"] - 1 / R["c1","direct"]) * 1e6
