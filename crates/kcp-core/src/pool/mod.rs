@@ -266,7 +266,14 @@ impl KeyPool {
         now: Time,
         rng: &mut R,
     ) -> Result<Lease, NoKey> {
-        let demand = &demand.bounded();
+        let bounded;
+        // Only a demand over the cap is copied: the copy is most of the cost of a no-op.
+        let demand = if demand.tokens > crate::budget::MAX_TOKENS {
+            bounded = demand.bounded();
+            &bounded
+        } else {
+            demand
+        };
         let route = self.routes.lookup(demand.model);
         if route.is_empty() {
             return Err(NoKey::NoRoute);
@@ -275,18 +282,18 @@ impl KeyPool {
             return Err(NoKey::Busy { until });
         }
         let mut why = Why::default();
-        for tier in route.tiers() {
+        for tier in [&route.primary, &route.secondary] {
             if tier.is_empty() {
                 continue;
             }
             let found = match self.config.strategy {
                 Strategy::LeastLatency => {
-                    self.two_choices(tier.keys, &tier, demand, now, rng, &mut why)
+                    self.two_choices(tier.keys, tier, demand, now, rng, &mut why)
                 }
                 Strategy::RoundRobinHealthWeighted => {
-                    self.fair(tier.keys, &tier, demand, now, &mut why)
+                    self.fair(tier.keys, tier, demand, now, &mut why)
                 }
-                Strategy::RoundRobin => self.rotate(tier.keys, &tier, demand, now, &mut why),
+                Strategy::RoundRobin => self.rotate(tier.keys, tier, demand, now, &mut why),
             };
             if let Some(lease) = found {
                 return Ok(lease);

@@ -30,6 +30,9 @@ impl KeyPool {
     /// request is a dozen; so the tags of a window of candidates are read first and only
     /// then are keys checked, smallest tag first, usually just one. When none in a window
     /// can take the request, the next window is tried.
+    ///
+    /// Start tags are compared as the bit patterns of their `f64`s: tags and the virtual time
+    /// are finite and never negative, and such floats order like their bits.
     pub(in crate::pool) fn fair(
         &self,
         keys: &[KeyIndex],
@@ -47,19 +50,74 @@ impl KeyPool {
         } else {
             0
         };
-        let vtime = f64::from_bits(self.fair.vtime.load(Ordering::Acquire));
-        let lead = self.max_lead();
-        let mut window = [(0.0_f64, 0 as KeyIndex); FAIR_WINDOW];
+        let vtime = self.fair.vtime.load(Ordering::Acquire);
+        let limit = (f64::from_bits(vtime) + self.max_lead()).to_bits();
+        // The common case in one pass and without a window: the first window's smallest
+        // start tag (the first of equal ones) can take the request.
+        let first = self.first_smallest(keys, tier, start, vtime, limit)?;
+        if let Some(lease) = self.try_key(first, demand, now, why) {
+            return Some(lease);
+        }
+        self.fair_windows(keys, tier, start, vtime, limit, demand, now, why)
+    }
+
+    /// The candidate with the smallest start tag in the first window (the first of equal
+    /// ones), which is the one [`KeyPool::fair_windows`] checks first; `None` when no key of
+    /// the tier is a candidate.
+    fn first_smallest(
+        &self,
+        keys: &[KeyIndex],
+        tier: &Candidates<'_>,
+        start: usize,
+        vtime: u64,
+        limit: u64,
+    ) -> Option<KeyIndex> {
+        let n = keys.len();
+        let mut best: Option<(u64, KeyIndex)> = None;
+        let mut len = 0;
         let mut step = 0;
+        while step < n && len < FAIR_WINDOW {
+            // `start + step` is below `2n`: one subtraction instead of a division.
+            let at = start + step;
+            let index = keys[if at < n { at } else { at - n }];
+            step += 1;
+            if tier.admits(index) {
+                let tag = self.tag(index, vtime, limit);
+                if best.is_none_or(|(smallest, _)| tag < smallest) {
+                    best = Some((tag, index));
+                }
+                len += 1;
+            }
+        }
+        best.map(|(_, index)| index)
+    }
+
+    /// The windows in turn, smallest start tag first, after the first window's smallest
+    /// could not take the request (so it is not checked again).
+    #[allow(clippy::too_many_arguments)]
+    fn fair_windows(
+        &self,
+        keys: &[KeyIndex],
+        tier: &Candidates<'_>,
+        start: usize,
+        vtime: u64,
+        limit: u64,
+        demand: &Demand<'_>,
+        now: Time,
+        why: &mut Why,
+    ) -> Option<Lease> {
+        let n = keys.len();
+        let mut window = [(0_u64, 0 as KeyIndex); FAIR_WINDOW];
+        let mut step = 0;
+        let mut tried_first = false;
         while step < n {
             let mut len = 0;
             while step < n && len < FAIR_WINDOW {
-                // `start + step` is below `2n`: one subtraction instead of a division.
                 let at = start + step;
                 let index = keys[if at < n { at } else { at - n }];
                 step += 1;
                 if tier.admits(index) {
-                    window[len] = (self.tag(index, vtime, lead), index);
+                    window[len] = (self.tag(index, vtime, limit), index);
                     len += 1;
                 }
             }
@@ -74,6 +132,10 @@ impl KeyPool {
                 let index = window[first].1;
                 len -= 1;
                 window.swap(first, len);
+                if !tried_first {
+                    tried_first = true;
+                    continue;
+                }
                 if let Some(lease) = self.try_key(index, demand, now, why) {
                     return Some(lease);
                 }
@@ -105,21 +167,19 @@ impl KeyPool {
         }
     }
 
-    /// A key's start tag if chosen now: its tag, at least the virtual time. A tag further
-    /// ahead than `lead` is pulled back for good (written back), so the key's turn comes
-    /// once the others catch up instead of trailing the virtual time forever.
-    fn tag(&self, index: KeyIndex, vtime: f64, lead: f64) -> f64 {
+    /// A key's start tag if chosen now (f64 bits): its tag, at least the virtual time
+    /// `vtime`. A tag further ahead than `limit` (the virtual time plus the lead) is pulled
+    /// back to it for good (written back), so the key's turn comes once the others catch up
+    /// instead of trailing the virtual time forever.
+    fn tag(&self, index: KeyIndex, vtime: u64, limit: u64) -> u64 {
         let slot = &self.fair.tags[index as usize];
         let raw = slot.load(Ordering::Acquire);
-        let tag = f64::from_bits(raw);
-        if tag > vtime + lead {
-            let pulled = vtime + lead;
+        if raw > limit {
             // Losing this race to a concurrent advance is fine: that one moved the tag.
-            let _ =
-                slot.compare_exchange(raw, pulled.to_bits(), Ordering::AcqRel, Ordering::Acquire);
-            pulled
+            let _ = slot.compare_exchange(raw, limit, Ordering::AcqRel, Ordering::Acquire);
+            limit
         } else {
-            tag.max(vtime)
+            raw.max(vtime)
         }
     }
 
