@@ -46,7 +46,11 @@ impl KeyPool {
         // over the keys with a shared cursor, so that every key is looked at in turn: a key
         // never seen would fall behind the virtual time and lose its share.
         let start = if n > FAIR_WINDOW {
-            self.cursor.fetch_add(1, Ordering::Relaxed) % n
+            // A load and a store rather than a locked add: two threads that race here may
+            // start from the same window, which costs nothing but that window's turn.
+            let cursor = self.cursor.load(Ordering::Relaxed);
+            self.cursor.store(cursor.wrapping_add(1), Ordering::Relaxed);
+            cursor % n
         } else {
             0
         };
@@ -186,26 +190,29 @@ impl KeyPool {
     /// How far a key's tag may run ahead of the virtual time: [`MAX_LEAD`] strides of the
     /// fastest possible key. Shares change as limits are learned; a tag advanced by a
     /// stride from before (say, while no limit was known) must not bench the key for ages.
+    /// Kept up to date by [`FairQueue::learn_rpm`] rather than divided out per selection.
     fn max_lead(&self) -> f64 {
-        let max_rate = self.fair.max_rpm.load(Ordering::Relaxed).max(1) as f64 / 60.0;
-        MAX_LEAD / (self.fair.max_weight * max_rate)
+        f64::from_bits(self.fair.lead.load(Ordering::Relaxed))
     }
 
     /// A key's share of the fair rotation: weight × health × requests per second (its pace;
     /// a key whose rate is not known yet counts as the fastest known one).
     fn share(&self, key: &PoolKey) -> f64 {
         let state = &key.state;
-        let max_rpm = self.fair.max_rpm.load(Ordering::Relaxed);
         let rate = match (state.requests.limit(), state.pace.rate_per_sec()) {
             (Some(rpm), Some(rate)) if rate > 0.0 => {
-                if rpm > max_rpm {
-                    self.fair.max_rpm.fetch_max(rpm, Ordering::Relaxed);
+                if rpm > self.fair.max_rpm.load(Ordering::Relaxed) {
+                    self.fair.learn_rpm(rpm);
                 }
                 rate
             }
-            _ => max_rpm as f64 / 60.0,
+            _ => f64::from_bits(self.fair.max_rate.load(Ordering::Relaxed)),
         };
-        let health = f64::from(state.health.get()) / f64::from(crate::health::MAX_HEALTH);
+        // A healthy key's factor is exactly one: no division for it.
+        let health = match state.health.get() {
+            crate::health::MAX_HEALTH => 1.0,
+            h => f64::from(h) / f64::from(crate::health::MAX_HEALTH),
+        };
         (f64::from(key.spec.weight) * health * rate).max(f64::MIN_POSITIVE)
     }
 }
@@ -220,6 +227,10 @@ pub(crate) struct FairQueue {
     tags: Box<[AtomicU64]>,
     /// The largest learned or configured requests-per-minute limit.
     max_rpm: AtomicU64,
+    /// The same per second (f64 bits): the rate of a key whose own is not known.
+    max_rate: AtomicU64,
+    /// How far a tag may lead the virtual time (f64 bits), from `max_rpm` and `max_weight`.
+    lead: AtomicU64,
     /// The largest configured weight.
     max_weight: f64,
 }
@@ -231,8 +242,22 @@ impl FairQueue {
             vtime: AtomicU64::new(vtime),
             tags: tags.into_iter().map(AtomicU64::new).collect(),
             max_rpm: AtomicU64::new(max_rpm),
+            max_rate: AtomicU64::new(per_sec(max_rpm).to_bits()),
+            lead: AtomicU64::new(lead(max_rpm, max_weight).to_bits()),
             max_weight,
         }
+    }
+
+    /// A key's requests-per-minute limit `rpm` is known, above the largest so far: the scale
+    /// of shares follows. Both figures only move one way (the rate up, the lead down), so
+    /// racing updates settle on the largest limit.
+    fn learn_rpm(&self, rpm: u64) {
+        let max_rpm = self.max_rpm.fetch_max(rpm, Ordering::Relaxed).max(rpm);
+        // Non-negative floats order like their bit patterns.
+        self.max_rate
+            .fetch_max(per_sec(max_rpm).to_bits(), Ordering::Relaxed);
+        self.lead
+            .fetch_min(lead(max_rpm, self.max_weight).to_bits(), Ordering::Relaxed);
     }
 
     /// The virtual time, for a rebuilt pool to carry on from.
@@ -244,4 +269,15 @@ impl FairQueue {
     pub(crate) fn tag_bits(&self, index: KeyIndex) -> u64 {
         self.tags[index as usize].load(Ordering::Relaxed)
     }
+}
+
+/// A requests-per-minute limit per second.
+fn per_sec(rpm: u64) -> f64 {
+    rpm as f64 / 60.0
+}
+
+/// How far a key's tag may run ahead of the virtual time: [`MAX_LEAD`] strides of the fastest
+/// possible key, of weight `max_weight` at `max_rpm`.
+fn lead(max_rpm: u64, max_weight: f64) -> f64 {
+    MAX_LEAD / (max_weight * per_sec(max_rpm.max(1)))
 }
