@@ -153,7 +153,7 @@ impl KeyPool {
     pub(in crate::pool) fn advance(&self, key: &PoolKey) {
         let vtime = f64::from_bits(self.fair.vtime.load(Ordering::Acquire));
         let lead = self.max_lead();
-        let stride = 1.0 / self.share(key);
+        let stride = self.stride(key);
         let mut start = vtime;
         // The closure always returns Some, so the update cannot fail.
         let _ = self.fair.tags[key.index as usize].fetch_update(
@@ -197,23 +197,32 @@ impl KeyPool {
 
     /// A key's share of the fair rotation: weight × health × requests per second (its pace;
     /// a key whose rate is not known yet counts as the fastest known one).
-    fn share(&self, key: &PoolKey) -> f64 {
+    fn share(&self, key: &PoolKey, rate: Option<f64>, health: u32) -> f64 {
+        let rate =
+            rate.unwrap_or_else(|| f64::from_bits(self.fair.max_rate.load(Ordering::Relaxed)));
+        let health = f64::from(health) / f64::from(crate::health::MAX_HEALTH);
+        (f64::from(key.spec.weight) * health * rate).max(f64::MIN_POSITIVE)
+    }
+
+    /// How far a lease moves the key's tag: `1 / share`. Most keys are fully healthy, of
+    /// weight 1 and of a rate not known yet, which is the fastest known one: their stride
+    /// is kept ready instead of divided out on every lease.
+    fn stride(&self, key: &PoolKey) -> f64 {
         let state = &key.state;
         let rate = match (state.requests.limit(), state.pace.rate_per_sec()) {
             (Some(rpm), Some(rate)) if rate > 0.0 => {
                 if rpm > self.fair.max_rpm.load(Ordering::Relaxed) {
                     self.fair.learn_rpm(rpm);
                 }
-                rate
+                Some(rate)
             }
-            _ => f64::from_bits(self.fair.max_rate.load(Ordering::Relaxed)),
+            _ => None,
         };
-        // A healthy key's factor is exactly one: no division for it.
-        let health = match state.health.get() {
-            crate::health::MAX_HEALTH => 1.0,
-            h => f64::from(h) / f64::from(crate::health::MAX_HEALTH),
-        };
-        (f64::from(key.spec.weight) * health * rate).max(f64::MIN_POSITIVE)
+        let health = state.health.get();
+        if rate.is_none() && health == crate::health::MAX_HEALTH && key.spec.weight == 1 {
+            return f64::from_bits(self.fair.unit_stride.load(Ordering::Relaxed));
+        }
+        1.0 / self.share(key, rate, health)
     }
 }
 
@@ -231,6 +240,8 @@ pub(crate) struct FairQueue {
     max_rate: AtomicU64,
     /// How far a tag may lead the virtual time (f64 bits), from `max_rpm` and `max_weight`.
     lead: AtomicU64,
+    /// The stride of a fully healthy key of weight 1 at `max_rate` (f64 bits).
+    unit_stride: AtomicU64,
     /// The largest configured weight.
     max_weight: f64,
 }
@@ -244,12 +255,13 @@ impl FairQueue {
             max_rpm: AtomicU64::new(max_rpm),
             max_rate: AtomicU64::new(per_sec(max_rpm).to_bits()),
             lead: AtomicU64::new(lead(max_rpm, max_weight).to_bits()),
+            unit_stride: AtomicU64::new(unit_stride(max_rpm).to_bits()),
             max_weight,
         }
     }
 
     /// A key's requests-per-minute limit `rpm` is known, above the largest so far: the scale
-    /// of shares follows. Both figures only move one way (the rate up, the lead down), so
+    /// of shares follows. These figures only move one way (the rate up, the lead and the stride down), so
     /// racing updates settle on the largest limit.
     fn learn_rpm(&self, rpm: u64) {
         let max_rpm = self.max_rpm.fetch_max(rpm, Ordering::Relaxed).max(rpm);
@@ -258,6 +270,8 @@ impl FairQueue {
             .fetch_max(per_sec(max_rpm).to_bits(), Ordering::Relaxed);
         self.lead
             .fetch_min(lead(max_rpm, self.max_weight).to_bits(), Ordering::Relaxed);
+        self.unit_stride
+            .fetch_min(unit_stride(max_rpm).to_bits(), Ordering::Relaxed);
     }
 
     /// The virtual time, for a rebuilt pool to carry on from.
@@ -280,4 +294,10 @@ fn per_sec(rpm: u64) -> f64 {
 /// possible key, of weight `max_weight` at `max_rpm`.
 fn lead(max_rpm: u64, max_weight: f64) -> f64 {
     MAX_LEAD / (max_weight * per_sec(max_rpm.max(1)))
+}
+
+/// `1 / share` of a fully healthy key of weight 1 at the rate of `max_rpm`: the share is
+/// `1 × 1 × rate`, exactly the rate.
+fn unit_stride(max_rpm: u64) -> f64 {
+    1.0 / per_sec(max_rpm).max(f64::MIN_POSITIVE)
 }
