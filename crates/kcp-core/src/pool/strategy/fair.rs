@@ -261,8 +261,8 @@ impl FairQueue {
     }
 
     /// A key's requests-per-minute limit `rpm` is known, above the largest so far: the scale
-    /// of shares follows. These figures only move one way (the rate up, the lead and the stride down), so
-    /// racing updates settle on the largest limit.
+    /// of shares follows. These figures only move one way (the rate up, the lead and the
+    /// stride down), so racing updates settle on the largest limit.
     fn learn_rpm(&self, rpm: u64) {
         let max_rpm = self.max_rpm.fetch_max(rpm, Ordering::Relaxed).max(rpm);
         // Non-negative floats order like their bit patterns.
@@ -300,4 +300,140 @@ fn lead(max_rpm: u64, max_weight: f64) -> f64 {
 /// `1 × 1 × rate`, exactly the rate.
 fn unit_stride(max_rpm: u64) -> f64 {
     1.0 / per_sec(max_rpm).max(f64::MIN_POSITIVE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::{FairQueue, MAX_LEAD};
+    use crate::{Demand, KeyPool, KeySpec, Outcome, PoolConfig, Secret, SplitMix64, Time};
+
+    fn pool(weights: &[u32]) -> KeyPool {
+        let specs = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let mut spec = KeySpec::new(Secret::new(format!("sk-{i}")), "http://h")
+                    .with_name(format!("k{i}"));
+                spec.weight = w;
+                spec
+            })
+            .collect();
+        KeyPool::new(specs, PoolConfig::default()).expect("valid pool")
+    }
+
+    /// Selects and records a success at `now`; the chosen key's index.
+    fn pick(p: &KeyPool, now: Time) -> u32 {
+        let lease = p
+            .select(&Demand::default(), now, &mut SplitMix64::new(1))
+            .expect("a free key");
+        let index = lease.index();
+        lease.record(Outcome::Cancelled, now);
+        index
+    }
+
+    fn tag(p: &KeyPool, index: u32) -> f64 {
+        f64::from_bits(p.fair.tag_bits(index))
+    }
+
+    #[test]
+    fn a_pool_larger_than_a_window_is_visited_in_turn_round_after_round() {
+        let p = pool(&[1; 40]);
+        let picks: Vec<u32> = (0..120).map(|_| pick(&p, Time::ZERO)).collect();
+        let expected: Vec<u32> = (0..120).map(|i| i % 40).collect();
+        assert_eq!(picks, expected);
+        let stride = f64::from_bits(p.fair.unit_stride.load(Ordering::Relaxed));
+        assert_eq!(f64::from_bits(p.fair.vtime_bits()), 2.0 * stride);
+        assert_eq!(tag(&p, 0), 3.0 * stride);
+    }
+
+    #[test]
+    fn a_tag_far_ahead_is_pulled_back_to_the_lead_and_written_back() {
+        let p = pool(&[1, 1, 1]);
+        let lead = f64::from_bits(p.fair.lead.load(Ordering::Relaxed));
+        p.fair.tags[0].store((10.0 * lead).to_bits(), Ordering::Relaxed);
+        p.fair.tags[2].store((0.5 * lead).to_bits(), Ordering::Relaxed);
+        assert_eq!(
+            pick(&p, Time::ZERO),
+            1,
+            "the key at the virtual time goes first"
+        );
+        assert_eq!(
+            tag(&p, 0),
+            lead,
+            "pulled back to the virtual time plus the lead"
+        );
+        assert_eq!(tag(&p, 2), 0.5 * lead, "a tag within the lead stays");
+    }
+
+    #[test]
+    fn a_key_held_back_in_the_first_window_leaves_the_turn_to_the_next_smallest() {
+        let p = pool(&[1; 20]);
+        // Key 0 is tried first (the first of the smallest tags) and is refused for this
+        // request, then key 3, the other smallest. Each key tried leaves its place in the
+        // window to the window's last one, so key 15 now comes first of the equal rest.
+        p.fair.tags[3].store(0.0_f64.to_bits(), Ordering::Relaxed);
+        for i in [1, 2] {
+            p.fair.tags[i].store(1.0_f64.to_bits(), Ordering::Relaxed);
+        }
+        for i in 4..20 {
+            p.fair.tags[i].store(1.0_f64.to_bits(), Ordering::Relaxed);
+        }
+        let exclude = [0, 3];
+        let demand = Demand {
+            exclude: &exclude,
+            ..Demand::default()
+        };
+        let lease = p
+            .select(&demand, Time::ZERO, &mut SplitMix64::new(1))
+            .expect("a free key");
+        assert_eq!(lease.index(), 15);
+    }
+
+    #[test]
+    fn a_window_of_refusals_moves_on_to_the_next_window() {
+        let p = pool(&[1; 40]);
+        let exclude: Vec<u32> = (0..16).collect();
+        let demand = Demand {
+            exclude: &exclude,
+            ..Demand::default()
+        };
+        let lease = p
+            .select(&demand, Time::ZERO, &mut SplitMix64::new(1))
+            .expect("a free key");
+        assert_eq!(lease.index(), 16);
+    }
+
+    #[test]
+    fn weight_and_health_set_the_stride_and_a_plain_key_takes_the_ready_one() {
+        let p = pool(&[1, 2, 1]);
+        let rate = f64::from_bits(p.fair.max_rate.load(Ordering::Relaxed));
+        assert_eq!(rate, 1.0 / 60.0, "no limit known: the fastest is 1 rpm");
+        let keys = p.keys();
+        assert_eq!(p.stride(&keys[0]), 60.0);
+        assert_eq!(p.stride(&keys[1]), 30.0, "weight 2: half the stride");
+        keys[2].state.health.penalize(5);
+        let health = f64::from(keys[2].state.health.get()) / 1000.0;
+        assert_eq!(p.stride(&keys[2]), 1.0 / (health * rate));
+    }
+
+    #[test]
+    fn a_learned_limit_rescales_rate_lead_and_stride_only_upwards() {
+        let q = FairQueue::new(vec![0; 2], 0, 2.0, 60);
+        let read = |a: &std::sync::atomic::AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+        assert_eq!(read(&q.max_rate), 1.0);
+        assert_eq!(read(&q.lead), MAX_LEAD / 2.0);
+        assert_eq!(read(&q.unit_stride), 1.0);
+        q.learn_rpm(120);
+        assert_eq!(q.max_rpm.load(Ordering::Relaxed), 120);
+        assert_eq!(read(&q.max_rate), 2.0);
+        assert_eq!(read(&q.lead), MAX_LEAD / 4.0);
+        assert_eq!(read(&q.unit_stride), 0.5);
+        q.learn_rpm(30);
+        assert_eq!(q.max_rpm.load(Ordering::Relaxed), 120);
+        assert_eq!(read(&q.max_rate), 2.0);
+        assert_eq!(read(&q.lead), MAX_LEAD / 4.0);
+        assert_eq!(read(&q.unit_stride), 0.5);
+    }
 }
