@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::lease::Lease;
 use crate::pool::admission::Why;
-use crate::pool::{Demand, KeyPool, PoolKey};
+use crate::pool::{Demand, KeyPool, LANES, PoolKey};
 use crate::routing::{Candidates, KeyIndex};
 use crate::time::Time;
 
@@ -39,18 +39,25 @@ impl KeyPool {
         tier: &Candidates<'_>,
         demand: &Demand<'_>,
         now: Time,
+        lane: usize,
         why: &mut Why,
     ) -> Option<Lease> {
         let n = keys.len();
         // Up to FAIR_WINDOW keys all fit one window. In a larger pool the windows slide
-        // over the keys with a shared cursor, so that every key is looked at in turn: a key
-        // never seen would fall behind the virtual time and lose its share.
+        // over the keys with a cursor, so that every key is looked at in turn: a key never
+        // seen would fall behind the virtual time and lose its share. Each lane has its own
+        // cursor and starts its rotation a `1/LANES` of the keys further on, so that callers
+        // in different lanes look at different keys.
         let start = if n > FAIR_WINDOW {
+            let lane = lane % LANES;
+            let cursor = &self.cursors[lane];
             // A load and a store rather than a locked add: two threads that race here may
             // start from the same window, which costs nothing but that window's turn.
-            let cursor = self.cursor.load(Ordering::Relaxed);
-            self.cursor.store(cursor.wrapping_add(1), Ordering::Relaxed);
-            cursor % n
+            let at = cursor.load(Ordering::Relaxed);
+            cursor.store(at.wrapping_add(1), Ordering::Relaxed);
+            // Below `2n`: one subtraction instead of a second division.
+            let start = at % n + lane * (n / LANES);
+            if start < n { start } else { start - n }
         } else {
             0
         };
@@ -403,6 +410,63 @@ mod tests {
             .select(&demand, Time::ZERO, &mut SplitMix64::new(1))
             .expect("a free key");
         assert_eq!(lease.index(), 16);
+    }
+
+    #[test]
+    fn the_first_window_holds_sixteen_candidates_and_no_more() {
+        let p = pool(&[1; 20]);
+        for i in 0..20 {
+            p.fair.tags[i].store(1.0_f64.to_bits(), Ordering::Relaxed);
+        }
+        p.fair.tags[16].store(0.0_f64.to_bits(), Ordering::Relaxed);
+        assert_eq!(pick(&p, Time::ZERO), 0, "key 16 is beyond the first window");
+    }
+
+    #[test]
+    fn a_pool_of_one_window_always_starts_at_its_first_key() {
+        let p = pool(&[1; 16]);
+        pick(&p, Time::ZERO);
+        for i in 0..16 {
+            p.fair.tags[i].store(0.0_f64.to_bits(), Ordering::Relaxed);
+        }
+        assert_eq!(
+            pick(&p, Time::ZERO),
+            0,
+            "equal tags: the first key, not the next"
+        );
+    }
+
+    #[test]
+    fn each_lane_rotates_on_its_own_from_its_own_quarter_of_the_keys() {
+        let p = pool(&[1; 40]);
+        let pick_in = |lane: usize| {
+            let mut rng = SplitMix64::new(1).in_lane(lane);
+            let lease = p
+                .select(&Demand::default(), Time::ZERO, &mut rng)
+                .expect("a free key");
+            let index = lease.index();
+            lease.record(Outcome::Cancelled, Time::ZERO);
+            index
+        };
+        assert_eq!(pick_in(0), 0);
+        assert_eq!(pick_in(1), 10, "lane 1 starts a quarter further on");
+        assert_eq!(pick_in(0), 1, "lane 0's cursor moved on alone");
+        assert_eq!(pick_in(3), 30);
+        assert_eq!(pick_in(5), 11, "lanes beyond the last wrap around: lane 1");
+        assert_eq!(p.cursors[1].load(Ordering::Relaxed), 2);
+        assert_eq!(p.cursors[2].load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_lane_near_the_end_of_the_keys_wraps_to_the_start() {
+        let p = pool(&[1; 40]);
+        p.cursors[3].store(15, Ordering::Relaxed);
+        // Lane 3 starts at 30 + 15 = 45, that is key 5.
+        let mut rng = SplitMix64::new(1).in_lane(3);
+        let lease = p
+            .select(&Demand::default(), Time::ZERO, &mut rng)
+            .expect("a free key");
+        assert_eq!(lease.index(), 5);
     }
 
     #[test]
