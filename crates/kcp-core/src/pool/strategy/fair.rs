@@ -423,6 +423,30 @@ mod tests {
     }
 
     #[test]
+    fn a_window_past_the_last_key_goes_on_from_the_first_one() {
+        let p = pool(&[1; 40]);
+        for i in 0..40 {
+            p.fair.tags[i].store(1.0_f64.to_bits(), Ordering::Relaxed);
+        }
+        p.fair.tags[3].store(0.25_f64.to_bits(), Ordering::Relaxed);
+        p.fair.tags[4].store(0.5_f64.to_bits(), Ordering::Relaxed);
+        p.cursors[0].store(30, Ordering::Relaxed);
+        // The window is keys 30..39 and 0..5: key 3 has the smallest tag.
+        assert_eq!(pick(&p, Time::ZERO), 3);
+        p.cursors[0].store(30, Ordering::Relaxed);
+        // Again, with key 3 refused: the rest of the same window, smallest first.
+        let exclude = [3];
+        let demand = Demand {
+            exclude: &exclude,
+            ..Demand::default()
+        };
+        let lease = p
+            .select(&demand, Time::ZERO, &mut SplitMix64::new(1))
+            .expect("a free key");
+        assert_eq!(lease.index(), 4);
+    }
+
+    #[test]
     fn a_pool_of_one_window_always_starts_at_its_first_key() {
         let p = pool(&[1; 16]);
         pick(&p, Time::ZERO);
