@@ -312,9 +312,12 @@ fn unit_stride(max_rpm: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     use super::{FairQueue, MAX_LEAD};
-    use crate::{Demand, KeyPool, KeySpec, Outcome, PoolConfig, Secret, SplitMix64, Time};
+    use crate::{
+        Demand, KeyPool, KeySpec, Outcome, PoolConfig, RateLimitHeaders, Secret, SplitMix64, Time,
+    };
 
     fn pool(weights: &[u32]) -> KeyPool {
         let specs = weights
@@ -504,6 +507,32 @@ mod tests {
         keys[2].state.health.penalize(5);
         let health = f64::from(keys[2].state.health.get()) / 1000.0;
         assert_eq!(p.stride(&keys[2]), 1.0 / (health * rate));
+    }
+
+    #[test]
+    fn a_limit_learned_on_a_key_rescales_the_queue_at_its_next_lease() {
+        let p = pool(&[1, 1]);
+        assert_eq!(
+            p.fair.max_rpm.load(Ordering::Relaxed),
+            1,
+            "no limit known yet"
+        );
+        let limits = RateLimitHeaders {
+            limit_requests: Some(600),
+            remaining_requests: Some(599),
+            ..RateLimitHeaders::default()
+        };
+        let lease = p
+            .select(&Demand::default(), Time::ZERO, &mut SplitMix64::new(1))
+            .expect("a free key");
+        let key = p.keys()[lease.index() as usize].clone();
+        let latency = Duration::from_millis(100);
+        lease.record(Outcome::Success { latency, limits }, Time::ZERO);
+        p.advance(&key);
+        assert_eq!(p.fair.max_rpm.load(Ordering::Relaxed), 600);
+        let rate = f64::from_bits(p.fair.max_rate.load(Ordering::Relaxed));
+        assert_eq!(rate, 10.0);
+        assert_eq!(p.stride(&key), 0.1, "its own rate, 10 a second");
     }
 
     #[test]
