@@ -437,6 +437,7 @@ mod tests {
         // The window is keys 30..39 and 0..5: key 3 has the smallest tag.
         assert_eq!(pick(&p, Time::ZERO), 3);
         p.cursors[0].store(30, Ordering::Relaxed);
+        p.fair.tags[3].store(0.25_f64.to_bits(), Ordering::Relaxed);
         // Again, with key 3 refused: the rest of the same window, smallest first.
         let exclude = [3];
         let demand = Demand {
