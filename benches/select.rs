@@ -143,16 +143,25 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
+/// Two threads selecting from one 1,000-key pool, each with its own generator: in the same
+/// lane (the default, what a caller that names no lane gets), and in lanes of their own
+/// (`SplitMix64::in_lane`, one lane per thread).
 fn contention(c: &mut Criterion) {
+    contended(c, "select_record/contended_2_threads/1000", false);
+    contended(c, "select_record/contended_2_threads_own_lanes/1000", true);
+}
+
+fn contended(c: &mut Criterion, name: &str, own_lanes: bool) {
     let p = Arc::new(pool(1_000, Strategy::RoundRobinHealthWeighted));
-    c.bench_function("select_record/contended_2_threads/1000", |b| {
+    c.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let start = Instant::now();
             let handles: Vec<_> = (0..2u64)
                 .map(|t| {
                     let p = p.clone();
                     std::thread::spawn(move || {
-                        let mut rng = SplitMix64::new(t);
+                        let lane = if own_lanes { t as usize } else { 0 };
+                        let mut rng = SplitMix64::new(t).in_lane(lane);
                         // Each thread keeps its own clock so that only the pool is shared.
                         let mut tick = t;
                         for _ in 0..iters {

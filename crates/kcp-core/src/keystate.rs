@@ -257,7 +257,9 @@ impl KeyState {
     }
 
     /// Applies the outcome of the request `sent` (needing `tokens`); returns what changed.
-    /// `penalty` is `unhealthy_penalty`.
+    /// `penalty` is `unhealthy_penalty`. The common case, a success on a key at rest, is
+    /// inlined into the lease's record; the rest is [`KeyState::record_policy`].
+    #[inline]
     pub(crate) fn record(
         &self,
         outcome: &Outcome,
@@ -280,6 +282,19 @@ impl KeyState {
                 return None;
             }
         }
+        self.record_policy(outcome, sent, trial, penalty, now)
+    }
+
+    /// [`KeyState::record`] of an outcome that changes the policy: under the key's lock.
+    #[inline(never)]
+    fn record_policy(
+        &self,
+        outcome: &Outcome,
+        sent: &Sent,
+        trial: Trial,
+        penalty: u32,
+        now: Time,
+    ) -> Option<StateChange> {
         let mut policy = self.policy();
         let change = match outcome {
             Outcome::Success { latency, limits } => {

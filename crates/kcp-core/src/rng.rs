@@ -18,18 +18,36 @@ pub trait Random {
     fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// Which of a pool's rotations this source's caller walks (see
+    /// [`crate::KeyPool::select`]): callers on different threads that name different lanes
+    /// look at different keys at a time instead of contending for the same ones. Lane 0
+    /// unless the source was given another.
+    fn lane(&self) -> usize {
+        0
+    }
 }
 
 /// SplitMix64 (Steele, Lea and Flood, 2014): tiny, fast, and good enough for load balancing.
 #[derive(Debug, Clone)]
 pub struct SplitMix64 {
     state: u64,
+    lane: usize,
 }
 
 impl SplitMix64 {
     /// A generator that yields the same sequence for the same seed.
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self {
+            state: seed,
+            lane: 0,
+        }
+    }
+
+    /// The same generator, naming `lane` as its caller's rotation ([`Random::lane`]): one
+    /// lane per thread, say.
+    pub fn in_lane(self, lane: usize) -> Self {
+        Self { lane, ..self }
     }
 }
 
@@ -40,6 +58,10 @@ impl Random for SplitMix64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    fn lane(&self) -> usize {
+        self.lane
     }
 }
 
@@ -58,6 +80,15 @@ mod tests {
             assert!((0.0..1.0).contains(&u));
         }
         assert_eq!(a.below(0), 0);
+    }
+
+    #[test]
+    fn a_lane_is_named_without_changing_the_sequence() {
+        let mut plain = SplitMix64::new(9);
+        let mut laned = SplitMix64::new(9).in_lane(3);
+        assert_eq!(plain.lane(), 0);
+        assert_eq!(laned.lane(), 3);
+        assert_eq!(plain.next_u64(), laned.next_u64());
     }
 
     #[test]

@@ -114,8 +114,10 @@ pub struct KeyPool {
     config: PoolConfig,
     global: Arc<Gcra>,
     groups: Arc<Groups>,
-    /// Where rotations over the keys start (round robin, and the fair queue's windows).
-    cursor: AtomicUsize,
+    /// Where rotations over the keys start: round robin's, and the fair queue's windows in
+    /// each of [`LANES`] lanes (see [`KeyPool::select`]). Each in a cache line of its own, so
+    /// that threads in different lanes do not write the same line.
+    cursors: [Padded<AtomicUsize>; LANES],
     fair: FairQueue,
     /// Live replicas spending these keys (see [`KeyPool::set_replica_share`]).
     pub(crate) replicas: AtomicU32,
@@ -208,7 +210,7 @@ impl KeyPool {
             config,
             global,
             groups,
-            cursor: AtomicUsize::new(0),
+            cursors: Default::default(),
             fair: FairQueue::new(tags, vtime, max_weight, max_rpm),
             replicas: AtomicU32::new(replicas.get()),
         })
@@ -247,7 +249,10 @@ impl KeyPool {
     /// `round_robin_health_weighted` uses start-time fair queueing (Goyal, Vin & Cheng,
     /// 1996) with each key as a flow of share weight × health × rate: every lease advances
     /// its key's tag by `1 / share`, and the key with the smallest start tag
-    /// (`max(tag, virtual time)`) among a window of [`FAIR_WINDOW`] candidates wins. The key furthest behind its share, i.e. with the most headroom relative
+    /// (`max(tag, virtual time)`) among a window of [`FAIR_WINDOW`] candidates wins (in a
+    /// larger pool the windows slide over the keys, in each of a few lanes on its own: callers
+    /// that name different lanes through [`Random::lane`], one per thread, look at different
+    /// keys at a time instead of contending for the same cache lines). The key furthest behind its share, i.e. with the most headroom relative
     /// to its own rate, goes first; a key held back by its pace keeps its turn instead of
     /// losing its share, but an idle key earns no credit.
     ///
@@ -266,7 +271,14 @@ impl KeyPool {
         now: Time,
         rng: &mut R,
     ) -> Result<Lease, NoKey> {
-        let demand = &demand.bounded();
+        let bounded;
+        // Only a demand over the cap is copied: the copy is most of the cost of a no-op.
+        let demand = if demand.tokens > crate::budget::MAX_TOKENS {
+            bounded = demand.bounded();
+            &bounded
+        } else {
+            demand
+        };
         let route = self.routes.lookup(demand.model);
         if route.is_empty() {
             return Err(NoKey::NoRoute);
@@ -275,18 +287,18 @@ impl KeyPool {
             return Err(NoKey::Busy { until });
         }
         let mut why = Why::default();
-        for tier in route.tiers() {
+        for tier in [&route.primary, &route.secondary] {
             if tier.is_empty() {
                 continue;
             }
             let found = match self.config.strategy {
                 Strategy::LeastLatency => {
-                    self.two_choices(tier.keys, &tier, demand, now, rng, &mut why)
+                    self.two_choices(tier.keys, tier, demand, now, rng, &mut why)
                 }
                 Strategy::RoundRobinHealthWeighted => {
-                    self.fair(tier.keys, &tier, demand, now, &mut why)
+                    self.fair(tier.keys, tier, demand, now, rng.lane(), &mut why)
                 }
-                Strategy::RoundRobin => self.rotate(tier.keys, &tier, demand, now, &mut why),
+                Strategy::RoundRobin => self.rotate(tier.keys, tier, demand, now, &mut why),
             };
             if let Some(lease) = found {
                 return Ok(lease);
@@ -303,6 +315,22 @@ impl KeyPool {
 
     pub(crate) fn groups(&self) -> Vec<Arc<ThrottleGroup>> {
         self.groups.all()
+    }
+}
+
+/// How many rotations the fair queue keeps (callers name theirs with [`Random::lane`]).
+pub(crate) const LANES: usize = 4;
+
+/// A value alone in its cache line (64 bytes on x86-64 and most ARM cores).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 

@@ -19,7 +19,7 @@ impl KeyPool {
         why: &mut Why,
     ) -> Option<Lease> {
         let n = keys.len();
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let start = self.cursors[0].fetch_add(1, Ordering::Relaxed) % n;
         for step in 0..n {
             // `start + step` is below `2n`: one subtraction instead of a division.
             let at = start + step;
