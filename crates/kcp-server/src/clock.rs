@@ -66,6 +66,16 @@ fn seed() -> u64 {
     hasher.finish()
 }
 
+/// Makes this thread's generator name `lane` to the key pool ([`Random::lane`]): a worker
+/// thread ([`crate::ops::workers`]) slides the fair queue's windows with a cursor of its own,
+/// from its own part of the keys, so two workers do not write the same cursor and tags.
+pub fn enter_lane(lane: usize) {
+    RNG.with(|rng| {
+        let mut rng = rng.borrow_mut();
+        *rng = rng.clone().in_lane(lane);
+    });
+}
+
 /// Runs `f` with this thread's random generator.
 pub fn with_rng<T>(f: impl FnOnce(&mut dyn Random) -> T) -> T {
     RNG.with(|rng| f(&mut *rng.borrow_mut()))
@@ -81,6 +91,17 @@ mod tests {
         let back = to_time(to_instant(t));
         assert_eq!(back, t);
         assert!(with_rng(|r| r.below(10)) < 10);
+    }
+
+    #[test]
+    fn a_thread_names_its_lane_to_the_pool_once_it_entered_one() {
+        std::thread::spawn(|| {
+            assert_eq!(with_rng(|r| r.lane()), 0);
+            enter_lane(1);
+            assert_eq!(with_rng(|r| r.lane()), 1);
+        })
+        .join()
+        .expect("the thread ends");
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,9 @@
 //! as nginx runs one event loop per worker process: the listener hands each accepted
 //! connection to the next worker, the connection and every task it spawns stay on that
 //! thread, and its upstream connections come from that thread's own pool
-//! ([`kcp_upstream::enter_lane`]), so a hand-over is a push on a local run queue.
+//! ([`kcp_upstream::enter_lane`]), so a hand-over is a push on a local run queue. Each worker
+//! also selects keys in a lane of its own ([`crate::clock::enter_lane`]), so two workers
+//! selecting at once do not write the same cursor of the key pool.
 //!
 //! The control plane (the accept loop, re-check probes, the cluster's sync, the ops
 //! listener, signals) stays on the runtime that started the server.
@@ -39,8 +41,8 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts `count` worker threads (at least one), each with its own runtime and upstream
-    /// lane.
+    /// Starts `count` worker threads (at least one), each with its own runtime, upstream
+    /// connection pool and selection lane.
     pub fn start(count: usize) -> io::Result<Workers> {
         let mut workers = Workers {
             workers: Vec::with_capacity(count.max(1)),
@@ -75,6 +77,7 @@ impl Worker {
             .name(format!("kcp-worker-{lane}"))
             .spawn(move || {
                 kcp_upstream::enter_lane(lane);
+                crate::clock::enter_lane(lane);
                 let _ = started.send(());
                 // Runs the tasks handed to this runtime until told to stop (or until the
                 // `Workers` is dropped, which drops the sender too).
@@ -130,7 +133,14 @@ mod tests {
                 let task = workers.next().spawn(async move {
                     // A task spawned from a worker's task runs on the same thread.
                     let inner = tokio::spawn(async move { thread_name() });
-                    (thread_name(), inner.await.expect("the inner task ends"))
+                    let lane = crate::clock::with_rng(|rng| rng.lane());
+                    let name = thread_name();
+                    assert_eq!(
+                        name,
+                        Some(format!("kcp-worker-{lane}")),
+                        "selects in its lane"
+                    );
+                    (name, inner.await.expect("the inner task ends"))
                 });
                 let (outer, inner) = waiter
                     .block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await })
