@@ -244,17 +244,17 @@ impl KeyPool {
     /// Chooses a key for a request, or says why none can take it now.
     ///
     /// Only keys that can take the request at `now` are candidates: not excluded, disabled,
-    /// cooling, throttled with their group, short of learned budget (requests or the
-    /// demand's tokens, counting what is in flight) or ahead of their pace. Among those,
-    /// `round_robin_health_weighted` uses start-time fair queueing (Goyal, Vin & Cheng,
-    /// 1996) with each key as a flow of share weight × health × rate: every lease advances
-    /// its key's tag by `1 / share`, and the key with the smallest start tag
-    /// (`max(tag, virtual time)`) among a window of [`FAIR_WINDOW`] candidates wins (in a
-    /// larger pool the windows slide over the keys, in each of a few lanes on its own: callers
-    /// that name different lanes through [`Random::lane`], one per thread, look at different
-    /// keys at a time instead of contending for the same cache lines). The key furthest behind its share, i.e. with the most headroom relative
-    /// to its own rate, goes first; a key held back by its pace keeps its turn instead of
-    /// losing its share, but an idle key earns no credit.
+    /// cooling, throttled with their group, short of learned budget (requests or the demand's
+    /// tokens, counting what is in flight) or ahead of their pace. Among those,
+    /// `round_robin_health_weighted` uses start-time fair queueing (Goyal, Vin & Cheng, 1996) with
+    /// each key as a flow of share weight × health × rate: every lease advances its key's tag by
+    /// `1 / share`, and the key with the smallest start tag (`max(tag, virtual time)`) among a window
+    /// of [`FAIR_WINDOW`] candidates wins (in a larger pool the windows slide over the keys, in
+    /// each of a few lanes on its own: callers that name different lanes through [`Random::lane`],
+    /// one per thread, look at different keys at a time instead of contending for the same cache
+    /// lines). The key furthest behind its share, i.e. with the most headroom relative to its own
+    /// rate, goes first; a key held back by its pace keeps its turn instead of losing its share,
+    /// but an idle key earns no credit.
     ///
     /// When no key can take it, [`NoKey::Busy`] says when one can: for each key, the instant
     /// its rest (and its group's) is over, its budget covers the request and its pace has a

@@ -1,13 +1,14 @@
 //! The listener: accepting connections, serving HTTP/1.1 and h2 on them, and draining on
 //! shutdown.
 //!
-//! Each accepted connection is served by hyper-util's `auto` builder (HTTP/1.1, or h2 with
-//! prior knowledge) in its own task, on the next worker thread when the server has them
-//! ([`Server::with_workers`], [`super::workers`]) or else on the runtime that runs the server. On shutdown the listener is dropped at once, so new
-//! connections are refused rather than served during the grace period (the original kept
-//! serving while it "drained"); every open connection is told to finish: HTTP/1.1 completes
-//! its current response, streams included, then closes; h2 sends GOAWAY and completes its
-//! open streams. After `server.graceful_shutdown_seconds` whatever is left is cut.
+//! Each accepted connection is served by hyper-util's `auto` builder (HTTP/1.1, or h2 with prior
+//! knowledge) in its own task, on the next worker thread when the server has them
+//! ([`Server::with_workers`], [`super::workers`]), else on the runtime that runs the server. On
+//! shutdown the listener is dropped at once, so new connections are refused rather than served
+//! during the grace period (the original kept serving while it "drained"); every open connection is
+//! told to finish: HTTP/1.1 completes its current response, streams included, then closes; h2 sends
+//! GOAWAY and completes its open streams. After `server.graceful_shutdown_seconds` whatever is left
+//! is cut.
 //!
 //! Slow clients cannot hold a connection: a connection that has not started a request within
 //! `server.header_read_timeout_ms` of being accepted is closed (hyper's own header timer only
@@ -40,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
 use super::connection::{self, Activity, ConnectionSlots, StallGuard};
@@ -174,7 +176,7 @@ impl Server {
             workers,
             ..
         } = self;
-        let mut limits = Limits::new(&app.generation().config.config.server);
+        let mut limits = Arc::new(Limits::new(&app.generation().config.config.server));
         let slots = ConnectionSlots::default();
         let probes = tokio::spawn(probe::run(Arc::clone(&app)));
         let cluster = tokio::spawn(crate::cluster::run(Arc::clone(&app)));
@@ -193,25 +195,15 @@ impl Server {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => {
-                        limits.refresh(&app.generation.load().config.config.server);
+                        Limits::refresh(&mut limits, &app.generation.load().config.config.server);
                         let Some(slot) = slots.try_open(limits.server.max_connections) else {
                             app.metrics.connection_refused();
                             drop(tcp);
                             continue;
                         };
                         let _ = tcp.set_nodelay(true);
-                        let app = Arc::clone(&app);
-                        let watcher = graceful.watcher();
-                        let Some(workers) = &workers else {
-                            let connection = serve_connection(tcp, app, &limits, watcher);
-                            connections.spawn(async move {
-                                let _slot = slot;
-                                connection.await
-                            });
-                            continue;
-                        };
-                        // The socket leaves this runtime's reactor and joins the worker's,
-                        // so its readiness wakes the worker directly.
+                        // The socket leaves this runtime's reactor for the one of the runtime
+                        // that serves it, so that its readiness wakes that runtime directly.
                         let tcp = match tcp.into_std() {
                             Ok(tcp) => tcp,
                             Err(error) => {
@@ -219,12 +211,17 @@ impl Server {
                                 continue;
                             }
                         };
-                        let builder = limits.clone();
+                        let runtime = workers
+                            .as_ref()
+                            .map_or_else(Handle::current, |workers| workers.next().clone());
+                        let app = Arc::clone(&app);
+                        let limits = Arc::clone(&limits);
+                        let watcher = graceful.watcher();
                         connections.spawn_on(async move {
                             let _slot = slot;
                             let tcp = TcpStream::from_std(tcp)?;
-                            serve_connection(tcp, app, &builder, watcher).await
-                        }, workers.next());
+                            serve_connection(tcp, app, &limits, watcher).await
+                        }, &runtime);
                     }
                     Err(error) => {
                         tracing::warn!(%error, "accepting a connection failed");
@@ -268,8 +265,7 @@ impl Server {
 }
 
 /// The connection builder for the `[server]` limits in force, rebuilt when a reload changes
-/// them.
-#[derive(Clone)]
+/// them; each connection's task holds the one it was accepted under.
 struct Limits {
     server: ServerSection,
     builder: auto::Builder<TokioExecutor>,
@@ -283,9 +279,9 @@ impl Limits {
         }
     }
 
-    fn refresh(&mut self, server: &ServerSection) {
-        if *server != self.server {
-            *self = Limits::new(server);
+    fn refresh(limits: &mut Arc<Limits>, server: &ServerSection) {
+        if *server != limits.server {
+            *limits = Arc::new(Limits::new(server));
         }
     }
 }
