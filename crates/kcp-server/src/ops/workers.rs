@@ -164,8 +164,21 @@ mod tests {
     #[test]
     fn dropping_the_workers_stops_their_threads() {
         let workers = Workers::start(2).expect("threads start");
+        let held = std::sync::Arc::new(());
+        for _ in 0..2 {
+            let held = std::sync::Arc::clone(&held);
+            workers.next().spawn(async move {
+                let _held = held;
+                std::future::pending::<()>().await;
+            });
+        }
         let runtime = workers.next().clone();
         drop(workers);
+        assert_eq!(
+            std::sync::Arc::strong_count(&held),
+            1,
+            "once the drop returns, the workers' runtimes are gone with their tasks"
+        );
         // The runtime is gone with its thread: a task handed to it now never runs.
         let task = runtime.spawn(async {});
         let waiter = Builder::new_current_thread()

@@ -69,7 +69,7 @@ impl KeyPool {
         if let Some(lease) = self.try_key(first, demand, now, why) {
             return Some(lease);
         }
-        self.fair_windows(keys, tier, start, vtime, limit, demand, now, why)
+        self.fair_windows(keys, tier, start, vtime, limit, first, demand, now, why)
     }
 
     /// The candidate with the smallest start tag in the first window (the first of equal
@@ -103,8 +103,9 @@ impl KeyPool {
         best.map(|(_, index)| index)
     }
 
-    /// The windows in turn, smallest start tag first, after the first window's smallest
-    /// could not take the request (so it is not checked again).
+    /// The windows in turn, smallest start tag first, after `tried` (the first window's
+    /// smallest) could not take the request: it is not checked again, and every other
+    /// candidate is, even if another thread moved the tags in between.
     #[allow(clippy::too_many_arguments)]
     fn fair_windows(
         &self,
@@ -113,6 +114,7 @@ impl KeyPool {
         start: usize,
         vtime: u64,
         limit: u64,
+        tried: KeyIndex,
         demand: &Demand<'_>,
         now: Time,
         why: &mut Why,
@@ -120,7 +122,6 @@ impl KeyPool {
         let n = keys.len();
         let mut window = [(0_u64, 0 as KeyIndex); FAIR_WINDOW];
         let mut step = 0;
-        let mut tried_first = false;
         while step < n {
             let mut len = 0;
             while step < n && len < FAIR_WINDOW {
@@ -143,8 +144,7 @@ impl KeyPool {
                 let index = window[first].1;
                 len -= 1;
                 window.swap(first, len);
-                if !tried_first {
-                    tried_first = true;
+                if index == tried {
                     continue;
                 }
                 if let Some(lease) = self.try_key(index, demand, now, why) {
