@@ -19,7 +19,6 @@
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use tokio::runtime::{Builder, Handle};
@@ -72,19 +71,15 @@ impl Worker {
         let runtime = Builder::new_current_thread().enable_all().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let (started, ready) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("kcp-worker-{lane}"))
             .spawn(move || {
                 kcp_upstream::enter_lane(lane);
                 crate::clock::enter_lane(lane);
-                let _ = started.send(());
-                // Runs the tasks handed to this runtime until told to stop (or until the
-                // `Workers` is dropped, which drops the sender too).
+                // Runs the tasks handed to the runtime (queued until now, if any) until told
+                // to stop; the tasks left then are dropped with the runtime.
                 let _ = runtime.block_on(stopped);
             })?;
-        // The thread is running (or has ended) before its runtime gets work.
-        let _ = ready.recv();
         Ok(Worker {
             runtime: handle,
             stop: Some(stop),
